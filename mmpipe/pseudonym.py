@@ -1,0 +1,29 @@
+"""Pseudonymisation: identifiers leave ingest only as salted, keyed hashes.
+
+HMAC-SHA256 with a secret salt (config, never code) means the same patient always maps to the
+same key inside one hospital (so splits stay patient-level) while the key cannot be reversed or
+recomputed by anyone without the salt.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+
+KEY_CHARS = 24
+
+
+def pseudonym(salt: bytes, kind: str, value: str) -> str:
+    """Stable pseudonymous key for one identifier of one kind ("patient", "study", ...)."""
+    digest = hmac.new(salt, f"{kind}\x00{value.strip()}".encode(), hashlib.sha256).hexdigest()
+    return f"{kind[0]}{digest[:KEY_CHARS]}"
+
+
+def fallback_patient(source_key: str) -> str:
+    """Identity for images without a PatientID (PNG/JPEG): the folder that holds them.
+
+    Exports put one patient per folder (``training/<class>/<patient>/img.png``); treating the
+    folder as the patient keeps all of its images on one side of every split.
+    """
+    parent = source_key.rsplit("/", 1)[0] if "/" in source_key else source_key
+    return "folder:" + parent
