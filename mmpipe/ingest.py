@@ -325,7 +325,7 @@ def finish_run(
     status = "succeeded" if accounted == new_objects else "failed"
     report["report_uri"] = store.put_json(f"reports/ingest/{run_slug(run_id)}/report.json", report)
     row = {
-        "run_id": run_id,
+        "r": run_id,
         "status": status,
         "listed": new_objects,
         "ingested": totals["ingested"],
@@ -334,11 +334,12 @@ def finish_run(
         "images": totals["images"],
         "report_uri": report["report_uri"],
     }
-    with catalog.begin() as conn:
-        catalog.upsert("ingest_runs", [row], ["run_id"], conn)
-        conn.execute(
-            sa.text("UPDATE ingest_runs SET finished_at = CURRENT_TIMESTAMP WHERE run_id = :r"), {"r": run_id}
-        )
+    catalog.execute(
+        "UPDATE ingest_runs SET status = :status, listed = :listed, ingested = :ingested, duplicates = :duplicates, "
+        "quarantined = :quarantined, images = :images, report_uri = :report_uri, finished_at = CURRENT_TIMESTAMP "
+        "WHERE run_id = :r",
+        row,
+    )
     if status != "succeeded":
         raise RuntimeError(
             f"ingest accounting broken: {new_objects} new objects but {accounted} accounted for"

@@ -74,6 +74,11 @@ class Store:
     def _call(self, what: str, fn: Any, **kwargs: Any) -> Any:
         try:
             return fn(**kwargs)
+        except botocore.exceptions.NoCredentialsError:
+            raise StoreError(
+                f"no credentials for the image store at {self.endpoint}: set MMPIPE_S3_ACCESS_KEY_ID and "
+                "MMPIPE_S3_SECRET_ACCESS_KEY (or an AWS profile/role)"
+            ) from None
         except botocore.exceptions.EndpointConnectionError:
             raise StoreError(
                 f"image store unreachable at {self.endpoint}: start it (`mmpipe store serve`) "

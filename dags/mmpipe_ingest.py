@@ -1,0 +1,69 @@
+"""
+### mmpipe_ingest — new studies in the image store become curated, validated training images
+
+Lists objects under `prefix` (default `training/<class>/...`) that the catalog has not seen by
+key + ETag, fans out one mapped task per batch (download, expand archives, decode DICOM/PNG/JPEG,
+pseudonymise, write shards to `curated/`), proves that every listed object ended ingested,
+duplicate or quarantined, then runs the Great Expectations batch suite. A batch failing a
+critical expectation fails `validate` and is excluded from training; nothing is deleted.
+A rerun with nothing new does nothing.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+
+from airflow.sdk import Asset, Param, dag, task
+
+CURATED = Asset(name="mmpipe_curated_images", uri="mmpipe://curated-images")
+
+
+@dag(
+    dag_id="mmpipe_ingest",
+    schedule="0 1 * * *",
+    start_date=datetime(2026, 1, 1),
+    catchup=False,
+    max_active_runs=1,
+    doc_md=__doc__,
+    tags=["mmpipe", "ingest"],
+    default_args={"retries": 2, "retry_delay": timedelta(minutes=2), "owner": "mmpipe"},
+    params={
+        "prefix": Param("training/", type="string", description="Store prefix to ingest from"),
+        "batch_size": Param(200, type="integer", minimum=1, maximum=5000, description="Objects per mapped task"),
+    },
+)
+def mmpipe_ingest():
+    @task
+    def list_new(params=None, run_id=None) -> dict:
+        from mmpipe import pipeline
+
+        return pipeline.ingest_list(run_id, params["prefix"], params["batch_size"])
+
+    @task
+    def batch_uris(listing: dict) -> list[str]:
+        return listing["batch_uris"]
+
+    @task(max_active_tis_per_dagrun=2)
+    def ingest_batch(batch_uri: str, run_id=None) -> dict:
+        from mmpipe import pipeline
+
+        return pipeline.ingest_batch(run_id, batch_uri)
+
+    @task(trigger_rule="all_done")
+    def finish(listing: dict, results: list, run_id=None) -> dict:
+        from mmpipe import pipeline
+
+        return pipeline.ingest_finish(run_id, listing, list(results or []))
+
+    @task(outlets=[CURATED], retries=0)
+    def validate(report: dict, run_id=None) -> dict:
+        from mmpipe import pipeline
+
+        return pipeline.validate_ingest(run_id)
+
+    listing = list_new()
+    results = ingest_batch.expand(batch_uri=batch_uris(listing))
+    validate(finish(listing, results))
+
+
+mmpipe_ingest()

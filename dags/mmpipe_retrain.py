@@ -1,0 +1,102 @@
+"""
+### mmpipe_retrain — nightly: rebalance, train one candidate per backbone, evaluate, promote
+
+1. `prepare_dataset`: patient-level splits, the frozen test snapshot (set `freeze_test` to freeze a
+   new one), dataset-level Great Expectations checks, and a versioned, balanced training plan.
+2. `train`: one mapped task per backbone, each running `mmpipe train` — a local process, or a GPU
+   pod via KubernetesPodOperator when `MMPIPE_TRAINING_BACKEND=kubernetes`.
+3. `evaluate`: every candidate on the frozen test snapshot; metrics and plots to the catalog/store.
+4. `promote`: the best candidate becomes champion only if it beats the current one on the same
+   snapshot; a promotion emits the `mmpipe_champion` asset event (which triggers scoring).
+
+Trigger with Params for backfills and experiments (backbones, epochs, freeze ratio, init, channel mode).
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+
+from airflow.exceptions import AirflowSkipException
+from airflow.sdk import Asset, Param, dag, task
+from mmpipe_airflow.training import TrainCandidateOperator
+
+from mmpipe.config import get_settings
+
+CHAMPION = Asset(name="mmpipe_champion", uri="mmpipe://champion-model")
+BACKBONES = ["resnet18", "vgg16", "googlenet", "mobilenetv2", "inceptionv3", "efficientnet_b0", "densenet121", "tinycnn"]
+settings = get_settings()  # typed env only: no DB or network at parse time
+
+
+@dag(
+    dag_id="mmpipe_retrain",
+    schedule="0 2 * * *",
+    start_date=datetime(2026, 1, 1),
+    catchup=False,
+    max_active_runs=1,
+    doc_md=__doc__,
+    tags=["mmpipe", "training"],
+    default_args={"retries": 1, "retry_delay": timedelta(minutes=5), "owner": "mmpipe"},
+    params={
+        "backbones": Param(["resnet18", "mobilenetv2", "efficientnet_b0"], type="array",
+                           items={"type": "string", "enum": BACKBONES}, description="One candidate per backbone"),
+        "epochs": Param(8, type="integer", minimum=1, maximum=200),
+        "image_size": Param(128, type="integer", minimum=32, maximum=512, description="Model input side"),
+        "batch_size": Param(32, type="integer", minimum=1, maximum=512),
+        "freeze_ratio": Param(0.5, type="number", minimum=0, maximum=1, description="Share of early layers frozen"),
+        "init": Param("random", enum=["random", "pretrained"], description="pretrained = weights registry"),
+        "channel_mode": Param("replicate", enum=["replicate", "viridis", "inferno"]),
+        "seed": Param(0, type="integer", minimum=0),
+        "balance_target": Param("median", type="string", description="'median', 'max' or an integer count"),
+        "freeze_test": Param(None, type=["null", "string"], description="Name of a NEW test snapshot to freeze"),
+    },
+)  # fmt: skip
+def mmpipe_retrain():
+    @task
+    def prepare_dataset(params=None, run_id=None) -> dict:
+        from mmpipe import pipeline
+
+        target = params["balance_target"]
+        return pipeline.prepare_dataset(
+            run_id, freeze_test=params["freeze_test"], seed=params["seed"],
+            target=int(target) if str(target).isdigit() else target,
+        )  # fmt: skip
+
+    @task
+    def candidates(prepared: dict, params=None) -> list[dict]:
+        from mmpipe import pipeline
+
+        options = {k: params[k] for k in ("epochs", "image_size", "batch_size", "freeze_ratio", "init",
+                                           "channel_mode", "seed")}  # fmt: skip
+        return [{"plan_uri": prepared["plan_uri"], "candidate": c}
+                for c in pipeline.candidates(params["backbones"], **options)]  # fmt: skip
+
+    @task(max_active_tis_per_dagrun=2)
+    def evaluate(trained: dict, prepared: dict) -> dict:
+        from mmpipe import pipeline
+
+        return pipeline.evaluate_model(trained["model_version"], prepared["test_snapshot"])
+
+    @task(outlets=[CHAMPION])
+    def promote(evaluations: list, prepared: dict, run_id=None) -> dict:
+        from mmpipe import pipeline
+
+        decision = pipeline.promote_best([e["model_version"] for e in evaluations], prepared["test_snapshot"], run_id)
+        if decision["decision"] != "promoted":
+            raise AirflowSkipException(decision["reason"])  # no champion asset event
+        return decision
+
+    prepared = prepare_dataset()
+    trained = TrainCandidateOperator.partial(
+        task_id="train",
+        backend=settings.training_backend,
+        namespace=settings.k8s_namespace,
+        image=settings.k8s_trainer_image,
+        gpu_count=settings.k8s_gpu_count,
+        service_account=settings.k8s_service_account,
+        max_active_tis_per_dagrun=1 if settings.training_backend == "local" else 8,
+    ).expand_kwargs(candidates(prepared))
+    evaluations = evaluate.partial(prepared=prepared).expand(trained=trained.output)
+    promote(evaluations, prepared)
+
+
+mmpipe_retrain()

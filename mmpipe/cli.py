@@ -1,0 +1,301 @@
+"""`mmpipe` command line: the same entry points Airflow tasks, training pods and people use.
+
+Every user-fixable problem (unreachable store or DB, unknown backbone, missing salt, empty
+bucket) ends as one line on stderr naming what to fix, exit code 2, not a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import secrets
+import signal
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from mmpipe.errors import MmpipeError
+
+log = logging.getLogger("mmpipe")
+
+
+def _print(payload: Any) -> None:
+    print(json.dumps(payload, indent=2, sort_keys=True, default=str))
+
+
+def cmd_init(args: argparse.Namespace) -> None:
+    """Create the salt secret (if missing), the bucket and the catalog schema."""
+    from mmpipe import catalog
+    from mmpipe.config import get_settings
+    from mmpipe.store import open_store
+
+    settings = get_settings()
+    salt_file = settings.home / "secrets" / "pseudonym_salt"
+    if settings.pseudonym_salt is None and not salt_file.exists():
+        salt_file.parent.mkdir(parents=True, exist_ok=True)
+        salt_file.write_text(secrets.token_hex(32))
+        salt_file.chmod(0o600)
+        print(f"created pseudonymisation salt {salt_file} (keep it secret, back it up)")
+    open_store(settings).ensure_bucket()
+    applied = catalog.upgrade(catalog.open_catalog(settings))
+    print(f"store bucket {settings.s3_bucket!r} ready; catalog migrations applied: {applied or 'none (up to date)'}")
+
+
+def cmd_store_serve(args: argparse.Namespace) -> None:
+    from mmpipe import embedded
+    from mmpipe.config import get_settings
+
+    data_dir = get_settings().home / "store"
+    if args.stop:
+        running = embedded.running(data_dir)
+        if running:
+            embedded.stop(running)
+            print(f"stopped embedded store (pid {running.pid})")
+        return
+    running = embedded.running(data_dir)
+    if running:
+        print(running.endpoint)
+        return
+    server = embedded.start(data_dir, args.port)
+    print(server.endpoint)
+    if args.detach:
+        return
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    try:
+        while embedded.running(data_dir):
+            time.sleep(1)
+    finally:
+        embedded.stop(server)
+
+
+def cmd_db_upgrade(args: argparse.Namespace) -> None:
+    from mmpipe import catalog
+    from mmpipe.config import get_settings
+
+    db = catalog.open_catalog(get_settings())
+    applied = catalog.upgrade(db)
+    print(f"catalog at version {catalog.current_version(db)}; applied now: {applied or 'nothing'}")
+
+
+def cmd_synth(args: argparse.Namespace) -> None:
+    """Generate a labelled corpus under training/ (or unlabelled archives under incoming/)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from mmpipe.config import get_settings
+    from mmpipe.store import open_store
+    from mmpipe.synth import generate
+
+    store = open_store(get_settings())
+    store.check()
+    prefix = args.prefix.rstrip("/") + "/"
+    labelled = prefix.startswith("training/")
+    objects = generate(args.images, size=args.size, seed=args.seed, archive_fraction=args.archive_fraction)
+
+    def put(obj: Any) -> str:
+        # incoming/ mimics a hospital drop: no class folder, the label is what scoring must find.
+        key = prefix + (obj.key if labelled else obj.key.split("/", 1)[1])
+        return store.put(key, obj.body)
+
+    with ThreadPoolExecutor(8) as pool:
+        written = sum(1 for _ in pool.map(put, objects))
+    print(f"wrote {written} objects ({args.images} images) under {store.uri(prefix)}")
+
+
+def cmd_ingest(args: argparse.Namespace) -> None:
+    from mmpipe import ingest, pipeline
+
+    settings, store, catalog = pipeline.connect()
+    _print(ingest.run(settings, store, catalog, args.run_id, args.prefix, args.batch_size))
+
+
+def cmd_validate(args: argparse.Namespace) -> None:
+    from mmpipe import pipeline
+
+    _print(pipeline.validate_ingest(args.run_id))
+
+
+def cmd_dataset(args: argparse.Namespace) -> None:
+    from mmpipe import pipeline, splits
+
+    if args.action == "freeze-test":
+        _, store, catalog = pipeline.connect()
+        splits.record_splits(catalog)
+        _print(splits.freeze_test(catalog, store, args.name, reason=args.reason))
+    else:
+        _print(pipeline.prepare_dataset(args.run_id, seed=args.seed, target=args.target))
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from mmpipe import pipeline
+
+    result = pipeline.train(args.plan, json.loads(args.candidate), args.run_id)
+    if args.xcom_file:
+        Path(args.xcom_file).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.xcom_file).write_text(json.dumps(result))
+    print(json.dumps(result))
+
+
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    from mmpipe import pipeline
+
+    _print(pipeline.evaluate_model(args.model_version, args.snapshot))
+
+
+def cmd_promote(args: argparse.Namespace) -> None:
+    from mmpipe import pipeline
+
+    _print(pipeline.promote_best(args.model_versions, args.snapshot, args.run_id))
+
+
+def cmd_score(args: argparse.Namespace) -> None:
+    from mmpipe import pipeline
+
+    results = [pipeline.score_batch(args.run_id, uri) for uri in pipeline.score_list(args.run_id, args.prefix)]
+    _print({"batches": len(results), "tagged": sum(r["tagged"] for r in results)})
+
+
+def cmd_weights(args: argparse.Namespace) -> None:
+    from mmpipe import models, pipeline, weights
+
+    if args.action == "export-reference":
+        models.export_reference_weights(args.backbone, Path(args.file))
+        print(f"wrote seeded random-init reference weights for {args.backbone} to {args.file}")
+        return
+    _, store, _ = pipeline.connect()
+    _print(weights.import_weights(store, args.backbone, Path(args.file)))
+
+
+def cmd_leaderboard(args: argparse.Namespace) -> None:
+    from mmpipe import pipeline
+
+    print(format_leaderboard(pipeline.leaderboard(args.limit)))
+
+
+def format_leaderboard(rows: Sequence[dict[str, Any]]) -> str:
+    header = f"{'candidate':<18} {'backbone':<16} {'snapshot':<10} {'accuracy':>8} {'macro-F1':>8} {'AUC':>6}  promoted"
+    lines = [header, "-" * len(header)]
+    for r in rows:
+        auc = f"{r['macro_auc']:.3f}" if r["macro_auc"] is not None else "  n/a"
+        mark = "yes (champion)" if r["is_champion"] else "yes" if r["promoted"] else "no"
+        lines.append(
+            f"{r['candidate']:<18} {r['backbone']:<16} {r['test_snapshot']:<10} "
+            f"{r['accuracy']:>8.3f} {r['macro_f1']:>8.3f} {auc:>6}  {mark}"
+        )
+    return "\n".join(lines)
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    from mmpipe.demo import run_demo
+
+    run_demo(profile=args.profile)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mmpipe", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    sub.add_parser("init", help="create salt, bucket and catalog schema").set_defaults(fn=cmd_init)
+    store = sub.add_parser("store", help="the embedded S3 endpoint").add_subparsers(dest="action", required=True)
+    serve = store.add_parser("serve", help="run SeaweedFS on 127.0.0.1 with data under MMPIPE_HOME/store")
+    serve.add_argument("--port", type=int, default=None)
+    serve.add_argument("--detach", action="store_true", help="start in the background and return")
+    serve.add_argument("--stop", action="store_true", help="stop a detached server")
+    serve.set_defaults(fn=cmd_store_serve)
+    db = sub.add_parser("db", help="catalog database").add_subparsers(dest="action", required=True)
+    db.add_parser("upgrade", help="apply pending migrations from sql/").set_defaults(fn=cmd_db_upgrade)
+
+    synth = sub.add_parser("synth", help="generate synthetic labelled studies into the store")
+    synth.add_argument("--images", type=int, default=300)
+    synth.add_argument("--size", type=int, default=128)
+    synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--prefix", default="training/")
+    synth.add_argument("--archive-fraction", type=float, default=0.1)
+    synth.set_defaults(fn=cmd_synth)
+
+    ing = sub.add_parser("ingest", help="ingest new objects under a prefix")
+    ing.add_argument("--prefix", default="training/")
+    ing.add_argument("--run-id", default=f"cli__{time.strftime('%Y%m%dT%H%M%S')}")
+    ing.add_argument("--batch-size", type=int, default=200)
+    ing.set_defaults(fn=cmd_ingest)
+
+    val = sub.add_parser("validate", help="run the GX batch suite over an ingest run")
+    val.add_argument("--run-id", required=True)
+    val.set_defaults(fn=cmd_validate)
+
+    ds = sub.add_parser("dataset", help="splits, frozen test snapshots and training plans")
+    ds_sub = ds.add_subparsers(dest="action", required=True)
+    freeze = ds_sub.add_parser("freeze-test", help="freeze today's test split as a named snapshot")
+    freeze.add_argument("name")
+    freeze.add_argument("--reason", default="frozen by hand")
+    freeze.set_defaults(fn=cmd_dataset)
+    plan = ds_sub.add_parser("plan", help="record splits, validate and write a training plan")
+    plan.add_argument("--run-id", default=f"cli__{time.strftime('%Y%m%dT%H%M%S')}")
+    plan.add_argument("--seed", type=int, default=0)
+    plan.add_argument("--target", default="median")
+    plan.set_defaults(fn=cmd_dataset)
+
+    tr = sub.add_parser("train", help="train one candidate from a plan (what the pod runs)")
+    tr.add_argument("--plan", required=True, help="s3:// URI of the training plan")
+    tr.add_argument("--candidate", required=True, help="candidate JSON")
+    tr.add_argument("--run-id", required=True)
+    tr.add_argument("--xcom-file", help="also write the result JSON here")
+    tr.set_defaults(fn=cmd_train)
+
+    ev = sub.add_parser("evaluate", help="evaluate a model on a frozen test snapshot")
+    ev.add_argument("--model-version", required=True)
+    ev.add_argument("--snapshot", required=True)
+    ev.set_defaults(fn=cmd_evaluate)
+
+    pr = sub.add_parser("promote", help="promote the best candidate if it beats the champion")
+    pr.add_argument("model_versions", nargs="+")
+    pr.add_argument("--snapshot", required=True)
+    pr.add_argument("--run-id", required=True)
+    pr.set_defaults(fn=cmd_promote)
+
+    sc = sub.add_parser("score", help="score incoming objects with the champion and tag them")
+    sc.add_argument("--prefix", default="incoming/")
+    sc.add_argument("--run-id", default=f"cli__{time.strftime('%Y%m%dT%H%M%S')}")
+    sc.set_defaults(fn=cmd_score)
+
+    wt = sub.add_parser("weights", help="the pretrained-weights registry").add_subparsers(dest="action", required=True)
+    for action, text in (("import", "verify and register a local weights file"),
+                         ("export-reference", "write seeded random-init weights (to exercise the import path)")):  # fmt: skip
+        p = wt.add_parser(action, help=text)
+        p.add_argument("backbone")
+        p.add_argument("file")
+        p.set_defaults(fn=cmd_weights)
+
+    lb = sub.add_parser("leaderboard", help="evaluations, newest first")
+    lb.add_argument("--limit", type=int, default=20)
+    lb.set_defaults(fn=cmd_leaderboard)
+
+    demo = sub.add_parser("demo", help="the whole nightly loop on synthetic studies")
+    demo.add_argument("--profile", choices=("demo", "full"), default="demo")
+    demo.set_defaults(fn=cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        args.fn(args)
+    except MmpipeError as exc:
+        print(f"mmpipe: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,151 @@
+"""`mmpipe demo`: the whole nightly loop on synthetic studies, through real Airflow DAG runs.
+
+Starts the embedded store (unless ``MMPIPE_S3_ENDPOINT_URL`` points elsewhere), creates the bucket,
+salt and schema, generates labelled studies into ``training/`` and unlabelled ones into
+``incoming/``, runs ``mmpipe_ingest``, ``mmpipe_retrain`` and ``mmpipe_score`` with
+``airflow dags test``, then prints the leaderboard and tags read back from the store.
+Airflow is driven as a subprocess: mmpipe itself never imports airflow.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from mmpipe import catalog as catalog_mod
+from mmpipe import embedded
+from mmpipe.config import get_settings
+from mmpipe.errors import MmpipeError
+from mmpipe.store import open_store
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True)
+class Profile:
+    train_images: int
+    incoming_images: int
+    canonical_size: int
+    retrain_conf: dict
+
+
+PROFILES = {
+    # ~2-4 minutes on 2 CPU cores.
+    "demo": Profile(
+        600, 60, 64,
+        {"backbones": ["tinycnn", "resnet18", "mobilenetv2"], "epochs": 6, "image_size": 64, "batch_size": 32},
+    ),
+    # The paper's setting, for a GPU machine: more data, full-size inputs, more backbones.
+    "full": Profile(
+        6000, 600, 256,
+        {"backbones": ["resnet18", "vgg16", "googlenet", "mobilenetv2", "inceptionv3", "efficientnet_b0"],
+         "epochs": 30, "image_size": 224, "batch_size": 32},
+    ),
+}  # fmt: skip
+
+
+def airflow_env(home: Path, base: dict[str, str]) -> dict[str, str]:
+    """Environment for an embedded Airflow: SQLite metadata under ``home``, our dags and plugins."""
+    return base | {
+        "AIRFLOW_HOME": str(home / "airflow"),
+        "AIRFLOW__CORE__DAGS_FOLDER": str(REPO / "dags"),
+        "AIRFLOW__CORE__PLUGINS_FOLDER": str(REPO / "plugins"),
+        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+        "AIRFLOW__CORE__PARALLELISM": "4",
+        "AIRFLOW__API__HOST": "127.0.0.1",
+        "AIRFLOW__CORE__UNIT_TEST_MODE": "False",
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO / "plugins"), base.get("PYTHONPATH")])),
+        "HF_HUB_OFFLINE": "1",
+    }
+
+
+def _run(cmd: list[str], env: dict[str, str], log_file: Path, what: str) -> None:
+    started = time.monotonic()
+    print(f"==> {what}", flush=True)
+    with log_file.open("ab") as log:
+        log.write(f"\n$ {' '.join(cmd)}\n".encode())
+        log.flush()
+        code = subprocess.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, check=False).returncode
+    if code != 0:
+        tail = log_file.read_text(errors="replace").splitlines()[-25:]
+        raise MmpipeError(f"{what} failed (exit {code}); last lines of {log_file}:\n" + "\n".join(tail))
+    print(f"    done in {time.monotonic() - started:.0f}s", flush=True)
+
+
+def _dag_state(dag_id: str, env: dict[str, str]) -> str:
+    out = subprocess.run(
+        [sys.executable, "-m", "airflow", "dags", "list-runs", dag_id, "-o", "json"],
+        env=env, capture_output=True, text=True, check=False,
+    ).stdout  # fmt: skip
+    start = out.find("[")
+    runs = json.loads(out[start:]) if start >= 0 else []
+    return runs[0]["state"] if runs else "missing"
+
+
+def run_demo(profile: str = "demo") -> None:
+    spec = PROFILES[profile]
+    env = dict(os.environ)
+    settings = get_settings()
+    home = settings.home.resolve()
+    home.mkdir(parents=True, exist_ok=True)
+    log_file = home / "demo.log"
+    env.setdefault("MMPIPE_IMAGE_SIZE", str(spec.canonical_size))
+    env.setdefault("MMPIPE_HOME", str(home))
+    server = None
+    if not settings.s3_endpoint_url:
+        server = embedded.running(home / "store") or embedded.start(home / "store")
+        env |= {"MMPIPE_S3_ENDPOINT_URL": server.endpoint}
+        env.setdefault("MMPIPE_S3_ACCESS_KEY_ID", "mmpipe")
+        env.setdefault("MMPIPE_S3_SECRET_ACCESS_KEY", "mmpipe-embedded")
+        print(f"embedded store (SeaweedFS) at {server.endpoint}, data in {home / 'store'}")
+    env = airflow_env(home, env)
+    mmpipe = [sys.executable, "-m", "mmpipe"]
+    started = time.monotonic()
+    _run([*mmpipe, "init"], env, log_file, "init: salt, bucket, catalog schema")
+    _run([*mmpipe, "synth", "--images", str(spec.train_images), "--size", str(max(128, spec.canonical_size))],
+         env, log_file, f"synth: {spec.train_images} labelled images into training/")  # fmt: skip
+    _run([*mmpipe, "synth", "--images", str(spec.incoming_images), "--seed", "7", "--prefix", "incoming/",
+          "--archive-fraction", "0.5"], env, log_file, f"synth: {spec.incoming_images} unlabelled images into incoming/")  # fmt: skip
+    _run([sys.executable, "-m", "airflow", "db", "migrate"], env, log_file, "airflow: metadata database")
+    airflow_test = [sys.executable, "-m", "airflow", "dags", "test"]
+    _run([*airflow_test, "mmpipe_ingest"], env, log_file, "DAG mmpipe_ingest")
+    _run([*airflow_test, "mmpipe_retrain", "-c", json.dumps(spec.retrain_conf)], env, log_file, "DAG mmpipe_retrain")
+    _run([*airflow_test, "mmpipe_score"], env, log_file, "DAG mmpipe_score")
+    states = {d: _dag_state(d, env) for d in ("mmpipe_ingest", "mmpipe_retrain", "mmpipe_score")}
+    show_results(env, states, time.monotonic() - started)
+    if server is not None:
+        print(f"(embedded store left running at {server.endpoint}; stop it with `mmpipe store serve --stop`)")
+    if any(state != "success" for state in states.values()):
+        raise MmpipeError(f"a DAG run did not succeed: {states}; see {log_file}")
+
+
+def show_results(env: dict[str, str], states: dict[str, str], seconds: float) -> None:
+    from mmpipe.cli import format_leaderboard
+
+    os.environ.update({k: v for k, v in env.items() if k.startswith("MMPIPE_")})
+    settings = get_settings()
+    catalog = catalog_mod.open_catalog(settings)
+    store = open_store(settings)
+    print(f"\nDAG runs: {', '.join(f'{d}={s}' for d, s in states.items())}  ({seconds:.0f}s in all)\n")
+    rows = catalog.query(
+        "SELECT * FROM leaderboard ORDER BY created_at DESC, macro_f1 DESC LIMIT 10"
+    )
+    print(format_leaderboard(rows))
+    decision = catalog.query("SELECT decision, challenger, reason FROM promotions ORDER BY created_at DESC LIMIT 1")
+    if decision:
+        print(f"\npromotion: {decision[0]['decision']} {decision[0]['challenger']} ({decision[0]['reason']})")
+    print("\nsample of tags written back to incoming/ objects:")
+    for obj in list(store.list("incoming/"))[:8]:
+        tags = store.get_tags(obj.key)
+        print(f"  {obj.key:<48} " + " ".join(f"{k.removeprefix('mmpipe-')}={v}" for k, v in sorted(tags.items())))
+    counts = catalog.query(
+        "SELECT (SELECT count(*) FROM images WHERE status = 'active') AS images, "
+        "(SELECT count(*) FROM quarantine) AS quarantined, (SELECT count(*) FROM predictions) AS predictions"
+    )[0]
+    print(f"\ncatalog: {counts['images']} curated images, {counts['quarantined']} quarantined, "
+          f"{counts['predictions']} predictions; database {settings.db_url.split('@')[-1]}")  # fmt: skip

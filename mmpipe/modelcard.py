@@ -1,0 +1,113 @@
+"""The model card: typed config that travels with every checkpoint.
+
+Scoring and evaluation rebuild the exact input transform from the card (canonical size, model
+input size, channel mode, normalisation), never from code defaults, so a model trained with a
+colormap at 96 px is always fed a colormap at 96 px.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
+
+from mmpipe.models import create_model
+from mmpipe.store import Store
+
+CHANNEL_MODES = ("replicate", "viridis", "inferno")
+
+
+@dataclass(frozen=True)
+class ModelCard:
+    model_version: str
+    backbone: str
+    classes: tuple[str, ...]
+    canonical_size: int  # side of the curated uint8 images (mmpipe.pixels.normalise)
+    image_size: int  # model input side
+    channel_mode: str
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    init: str
+    weights_fingerprint: str | None
+    freeze_ratio: float
+    dataset_version: str
+    plan_uri: str
+    training_run_id: str
+    best_val_macro_f1: float
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> ModelCard:
+        fields = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
+        return cls(**fields)
+
+
+def _colormap_lut(name: str) -> torch.Tensor:
+    from matplotlib import colormaps
+
+    return torch.tensor(colormaps[name](np.linspace(0, 1, 256))[:, :3], dtype=torch.float32)
+
+
+def preprocess(
+    images: torch.Tensor, image_size: int, channel_mode: str, mean: tuple[float, ...], std: tuple[float, ...]
+) -> torch.Tensor:
+    """uint8 (B, H, W) canonical images -> normalised float (B, 3, S, S), channels_last.
+
+    ``replicate`` copies gray into three channels; a colormap maps intensity through a perceptual
+    LUT (viridis, inferno), as compared in the colour-transformation paper.
+    """
+    if channel_mode not in CHANNEL_MODES:
+        raise ValueError(f"unknown channel mode {channel_mode!r}; known: {', '.join(CHANNEL_MODES)}")
+    if channel_mode == "replicate":
+        x = (images.float() / 255.0).unsqueeze(1).expand(-1, 3, -1, -1)
+    else:
+        x = _colormap_lut(channel_mode).to(images.device)[images.long()].permute(0, 3, 1, 2)
+    if x.shape[-1] != image_size:
+        x = F.interpolate(x, size=(image_size, image_size), mode="bilinear", antialias=True, align_corners=False)
+    m = torch.tensor(mean, device=x.device).view(1, 3, 1, 1)
+    s = torch.tensor(std, device=x.device).view(1, 3, 1, 1)
+    return ((x - m) / s).contiguous(memory_format=torch.channels_last)
+
+
+def save(store: Store, prefix: str, model: torch.nn.Module, card: ModelCard) -> tuple[str, str]:
+    """Checkpoint (safetensors) and card (JSON) under ``prefix``; returns their URIs."""
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    ckpt = store.put(f"{prefix}/model.safetensors", save_safetensors(state))
+    card_uri = store.put_json(f"{prefix}/card.json", card.to_json())
+    return ckpt, card_uri
+
+
+def load(store: Store, card_uri: str, device: torch.device) -> tuple[torch.nn.Module, ModelCard]:
+    """Rebuild the model from its card and checkpoint, strictly (every key must match)."""
+    card = ModelCard.from_json(json.loads(store.get(store.key_of(card_uri))))
+    ckpt_key = store.key_of(card_uri).rsplit("/", 1)[0] + "/model.safetensors"
+    model = create_model(card.backbone, len(card.classes))
+    model.load_state_dict(load_safetensors(store.get(ckpt_key)), strict=True)
+    model.to(device, memory_format=torch.channels_last).eval()
+    return model, card
+
+
+def resolve_device(setting: str) -> torch.device:
+    if setting == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(setting)
+
+
+@torch.inference_mode()
+def predict(model: torch.nn.Module, card: ModelCard, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
+    """Class probabilities (N, C) for uint8 canonical images (N, H, W)."""
+    device = next(model.parameters()).device
+    out = []
+    for start in range(0, len(images), batch_size):
+        batch = torch.from_numpy(np.ascontiguousarray(images[start : start + batch_size])).to(device)
+        x = preprocess(batch, card.image_size, card.channel_mode, card.mean, card.std)
+        out.append(torch.softmax(model(x).float(), dim=1).cpu().numpy())
+    return np.concatenate(out) if out else np.zeros((0, len(card.classes)), dtype=np.float32)

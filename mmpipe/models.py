@@ -1,0 +1,256 @@
+"""Backbone registry and pretrained-weights import for every model the platform trains or scores.
+
+Nothing here downloads anything: hospitals are often air-gapped, so pretrained weights are
+imported from a local file (``load_weights_file``) and handed to ``create_model``, which checks
+that the file really fits the architecture. timm's non-strict loading would silently load nothing
+from a wrong file and leave a randomly initialised "pretrained" model; we refuse instead.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import pickle
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import timm
+import torch
+import torchvision
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from mmpipe.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+INCEPTION_MEAN = (0.5, 0.5, 0.5)
+INCEPTION_STD = (0.5, 0.5, 0.5)
+
+# Share of the backbone's tensors (parameters and BatchNorm running statistics, head excluded) that a
+# weights file must supply by name and shape; below it the file is almost surely for another model.
+MIN_MATCHED_FRACTION = 0.9
+
+# Wrappers that training scripts put around a state dict (timm and torchvision reference scripts).
+_CHECKPOINT_KEYS = ("state_dict", "model")
+_DATA_PARALLEL_PREFIX = "module."
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    """One trainable architecture: where it comes from and the input it expects."""
+
+    name: str
+    source: str  # "timm" | "torchvision" | "local"
+    arch: str  # model name within the source library
+    default_size: int  # the input side the architecture was published with
+    min_size: int  # smallest input side that survives the forward pass (callers upscale to it)
+    mean: tuple[float, float, float]  # normalisation the pretrained weights expect
+    std: tuple[float, float, float]
+
+
+class TinyCNN(nn.Module):
+    """Three strided conv blocks and a linear head: small enough for unit tests and smoke runs."""
+
+    def __init__(self, num_classes: int, width: int = 16) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        channels = 3
+        for out in (width, 2 * width, 4 * width):
+            layers += [
+                nn.Conv2d(channels, out, 3, stride=2, padding=1, bias=False),
+                nn.BatchNorm2d(out),
+                nn.ReLU(inplace=True),
+            ]
+            channels = out
+        self.features = nn.Sequential(*layers)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(channels, num_classes)
+
+    def get_classifier(self) -> nn.Module:
+        return self.fc
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.flatten(self.pool(self.features(x)), 1))
+
+
+# min_size values were measured (forward pass at batch 2); tests check each is the smallest that works.
+BACKBONES: dict[str, BackboneSpec] = {
+    spec.name: spec
+    for spec in (
+        BackboneSpec("resnet18", "timm", "resnet18", 224, 1, IMAGENET_MEAN, IMAGENET_STD),
+        BackboneSpec("vgg16", "timm", "vgg16", 224, 32, IMAGENET_MEAN, IMAGENET_STD),
+        BackboneSpec("googlenet", "torchvision", "googlenet", 224, 15, IMAGENET_MEAN, IMAGENET_STD),
+        BackboneSpec("mobilenetv2", "timm", "mobilenetv2_100", 224, 1, IMAGENET_MEAN, IMAGENET_STD),
+        # timm's default inception_v3 weights (tv_in1k) bake torchvision's input transform into 0.5/0.5.
+        BackboneSpec("inceptionv3", "timm", "inception_v3", 299, 75, INCEPTION_MEAN, INCEPTION_STD),
+        BackboneSpec("efficientnet_b0", "timm", "efficientnet_b0", 224, 1, IMAGENET_MEAN, IMAGENET_STD),
+        BackboneSpec("densenet121", "timm", "densenet121", 224, 29, IMAGENET_MEAN, IMAGENET_STD),
+        BackboneSpec("tinycnn", "local", "tinycnn", 224, 1, IMAGENET_MEAN, IMAGENET_STD),
+    )
+}
+
+# Constructor options per torchvision architecture; googlenet's auxiliary heads only matter with
+# its original training recipe and would make the training-mode output a tuple.
+_TORCHVISION_KWARGS: dict[str, dict[str, bool]] = {"googlenet": {"aux_logits": False, "init_weights": True}}
+_LOCAL_MODELS: dict[str, type[nn.Module]] = {"tinycnn": TinyCNN}
+
+
+def get_spec(name: str) -> BackboneSpec:
+    """The registered spec for ``name``; unknown names fail listing the known ones."""
+    try:
+        return BACKBONES[name]
+    except KeyError:
+        raise ConfigError(f"unknown backbone {name!r}; known: {', '.join(sorted(BACKBONES))}") from None
+
+
+def _build(spec: BackboneSpec, num_classes: int) -> nn.Module:
+    """Randomly initialised architecture with a ``num_classes`` head; never touches a model hub."""
+    if spec.source == "timm":
+        return timm.create_model(spec.arch, pretrained=False, num_classes=num_classes)
+    if spec.source == "torchvision":
+        kwargs = _TORCHVISION_KWARGS.get(spec.arch, {})
+        return torchvision.models.get_model(spec.arch, weights=None, num_classes=num_classes, **kwargs)
+    return _LOCAL_MODELS[spec.arch](num_classes)
+
+
+def _classifier(model: nn.Module) -> tuple[str, nn.Module]:
+    """(qualified name, module) of the classification head: timm's ``get_classifier`` or ``fc``."""
+    getter = getattr(model, "get_classifier", None)
+    head = getter() if callable(getter) else getattr(model, "fc", None)
+    if not isinstance(head, nn.Module):
+        raise TypeError(f"{type(model).__name__} has neither get_classifier() nor an fc head")
+    return next(name for name, module in model.named_modules() if module is head), head
+
+
+def classifier_parameter_names(model: nn.Module) -> set[str]:
+    """Names (as in ``model.named_parameters()``) of the head that is replaced, never loaded, never frozen."""
+    prefix, head = _classifier(model)
+    return {f"{prefix}.{name}" for name, _ in head.named_parameters()}
+
+
+def _load_backbone_weights(model: nn.Module, weights: Mapping[str, torch.Tensor], name: str) -> None:
+    """Copy every non-head tensor of ``weights`` that fits by name and shape, refusing a poor fit."""
+    prefix, _ = _classifier(model)
+    target = {
+        key: value
+        for key, value in model.state_dict().items()
+        if not key.startswith(f"{prefix}.") and not key.endswith("num_batches_tracked")
+    }
+    matched = {
+        key: weights[key]
+        for key, value in target.items()
+        if isinstance(weights.get(key), torch.Tensor) and weights[key].shape == value.shape
+    }
+    if len(matched) < MIN_MATCHED_FRACTION * len(target):
+        unmatched = sorted(set(target) - set(matched))
+        raise ConfigError(
+            f"weights fit only {len(matched)} of {len(target)} backbone tensors of {name!r} by name and "
+            f"shape (need {MIN_MATCHED_FRACTION:.0%}): is the file for another architecture? "
+            f"first unmatched: {', '.join(unmatched[:3])}"
+        )
+    model.load_state_dict(matched, strict=False)
+    log.info("loaded %d of %d backbone tensors into %s", len(matched), len(target), name)
+
+
+def _freeze_leading(model: nn.Module, freeze_ratio: float) -> None:
+    """Stop gradients for the first ``freeze_ratio`` of non-head parameter tensors, in module order.
+
+    BatchNorm running statistics still update in train mode; keeping them fixed is the training loop's call.
+    """
+    head = classifier_parameter_names(model)
+    body = [param for name, param in model.named_parameters() if name not in head]
+    for param in body[: round(freeze_ratio * len(body))]:
+        param.requires_grad_(False)
+
+
+def create_model(
+    name: str,
+    num_classes: int,
+    *,
+    weights: Mapping[str, torch.Tensor] | None = None,
+    freeze_ratio: float = 0.0,
+) -> nn.Module:
+    """Build backbone ``name`` with a fresh ``num_classes`` head.
+
+    ``weights`` is an ImageNet-style state dict (its own 1000-class head is ignored); it must cover at
+    least ``MIN_MATCHED_FRACTION`` of the backbone or ConfigError is raised.
+    """
+    spec = get_spec(name)
+    if num_classes < 1:
+        raise ConfigError(f"num_classes must be at least 1, got {num_classes}")
+    if not 0.0 <= freeze_ratio <= 1.0:
+        raise ConfigError(f"freeze_ratio must be within [0, 1], got {freeze_ratio}")
+    model = _build(spec, num_classes)
+    if weights is not None:
+        _load_backbone_weights(model, weights, name)
+    _freeze_leading(model, freeze_ratio)
+    return model
+
+
+def weights_fingerprint(state_dict: Mapping[str, torch.Tensor]) -> str:
+    """sha256 over sorted names, dtypes, shapes and raw bytes: identifies weights whatever the file format."""
+    digest = hashlib.sha256()
+    for key in sorted(state_dict):
+        tensor = state_dict[key].detach().cpu().contiguous()
+        digest.update(f"{key}\0{tensor.dtype}\0{tuple(tensor.shape)}\0".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
+def _as_state_dict(raw: object, path: Path) -> dict[str, torch.Tensor]:
+    """Unwrap a training checkpoint and DataParallel prefixes; insist on a flat name -> tensor mapping."""
+    if isinstance(raw, Mapping):
+        wrapped = next((raw[key] for key in _CHECKPOINT_KEYS if isinstance(raw.get(key), Mapping)), None)
+        raw = raw if wrapped is None else wrapped
+    if (
+        not isinstance(raw, Mapping)
+        or not raw
+        or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in raw.items())
+    ):
+        raise ConfigError(f"weights file {path} does not hold a state dict of named tensors")
+    if all(key.startswith(_DATA_PARALLEL_PREFIX) for key in raw):
+        return {key.removeprefix(_DATA_PARALLEL_PREFIX): value for key, value in raw.items()}
+    return dict(raw)
+
+
+def load_weights_file(path: Path) -> dict[str, torch.Tensor]:
+    """Read a ``.safetensors`` or ``.pth``/``.pt`` state dict onto the CPU; pickled objects are refused."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"weights file not found: {path}")
+    suffix = path.suffix.lower()
+    if suffix not in (".safetensors", ".pth", ".pt"):
+        raise ConfigError(
+            f"weights file {path} must be .safetensors, .pth or .pt, not {suffix or 'no suffix'}"
+        )
+    try:
+        if suffix == ".safetensors":
+            raw: object = load_file(str(path), device="cpu")
+        else:
+            raw = torch.load(path, map_location="cpu", weights_only=True)
+    except (SafetensorError, pickle.UnpicklingError, EOFError, RuntimeError, OSError, ValueError) as exc:
+        raise ConfigError(
+            f"cannot read weights file {path} ({type(exc).__name__}): expected a safetensors file or a "
+            "torch state dict of tensors (whole pickled models are refused)"
+        ) from exc
+    return _as_state_dict(raw, path)
+
+
+def export_reference_weights(name: str, path: Path, seed: int = 0) -> None:
+    """Write a seeded, randomly initialised 1000-class state dict of ``name`` as safetensors.
+
+    Stands in for an ImageNet file so tests and the demo exercise the import path offline; real
+    deployments import genuine ImageNet weights (e.g. timm's published safetensors) the same way.
+    """
+    path = Path(path)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = create_model(name, 1000)
+    tensors = {key: value.detach().clone().contiguous() for key, value in model.state_dict().items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(path), metadata={"backbone": name, "origin": "mmpipe-reference-random-init"})
