@@ -61,15 +61,16 @@ class Settings(BaseSettings):
         if path.exists():
             return path.read_bytes().strip()
         raise ConfigError(
-            "no pseudonymisation salt: set MMPIPE_PSEUDONYM_SALT or run `mmpipe init` to create "
-            f"{path}"
+            f"no pseudonymisation salt: set MMPIPE_PSEUDONYM_SALT or run `mmpipe init` to create {path}"
         )
 
     def class_index(self, name: str) -> int:
         try:
             return self.classes.index(name)
         except ValueError:
-            raise ConfigError(f"unknown class {name!r}; configured classes: {', '.join(self.classes)}") from None
+            raise ConfigError(
+                f"unknown class {name!r}; configured classes: {', '.join(self.classes)}"
+            ) from None
 
 
 def get_settings(**overrides: object) -> Settings:

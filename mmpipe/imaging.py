@@ -1,0 +1,519 @@
+"""Decode one DICOM, PNG or JPEG object (bytes) into the canonical image, or reject it with a reason.
+
+Pure functions on bytes, safe to call from worker threads. Every input ends as either a
+:class:`Decoded` or a :class:`Rejected` carrying a fixed machine-readable :class:`Reason`: ingest
+quarantines on that reason, so no other exception may escape :func:`decode_image`.
+
+DICOM rules, in order (the native-unit image handed to :func:`mmpipe.pixels.normalise`):
+
+* Header limits (rows*columns, frames) are checked before any pixel data is decoded.
+* Multi-frame: the representative frame is index ``n_frames // 2`` (the middle one), and only that
+  frame is decoded.
+* Monochrome: Modality LUT, else Rescale Slope/Intercept (top level, else the enhanced per-frame
+  then shared functional groups). Then a VOI LUT Sequence, if present, is applied and intensities
+  are scaled by percentiles; otherwise the first Window Centre/Width pair, if valid, is resolved to
+  its (lo, hi) bounds and passed to ``normalise`` (SIGMOID is approximated by the LINEAR bounds;
+  unparseable values and widths the standard forbids are ignored). MONOCHROME1 is inverted by
+  negation (the window negated with it), so bright stays bright. Presentation LUT Shape is not
+  applied: for MONOCHROME1 it restates that polarity.
+* Colour (RGB, YBR_*, PALETTE COLOR): converted to RGB, then ITU-R BT.601 luma.
+
+PNG/JPEG: grayscale at its native depth (8 or 16 bit), RGB(A)/palette/CMYK to BT.601 luma, alpha
+dropped; intensities scaled by percentiles.
+
+A 2-D image with no variation (constant before or after intensity scaling) is BLANK.
+"""
+
+from __future__ import annotations
+
+import bz2
+import lzma
+import struct
+import zlib
+from dataclasses import dataclass
+from enum import StrEnum
+from io import BytesIO
+from pathlib import PurePosixPath
+from typing import Any
+
+import numpy as np
+import pydicom
+import pydicom.config
+from PIL import Image, UnidentifiedImageError
+from pydicom.datadict import dictionary_has_tag
+from pydicom.dataset import Dataset
+from pydicom.filereader import _read_file_meta_info, read_preamble
+from pydicom.multival import MultiValue
+from pydicom.pixels import apply_color_lut, apply_rescale, apply_voi, get_decoder, pixel_array
+from pydicom.uid import (
+    UID,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+)
+
+from mmpipe.pixels import normalise
+
+# pydicom's reading validation echoes offending element values (names, dates, IDs) into warnings
+# and its logger; ingest reads PHI, so values are never validated while reading.
+pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
+
+_PNG = b"\x89PNG\r\n\x1a\n"
+_JPEG = b"\xff\xd8\xff"
+_ZIP = (b"PK\x03\x04", b"PK\x05\x06", b"PK\x07\x08")
+GZIP_MAGIC, BZ2_MAGIC, XZ_MAGIC = b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00"
+_TAR_BLOCK = 512
+_INFLATE_CHUNK = 1 << 20
+_MONOCHROME = ("MONOCHROME1", "MONOCHROME2")
+_PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+_BT601 = np.array([0.299, 0.587, 0.114], dtype=np.float32)
+
+
+class Reason(StrEnum):
+    """Why an object was quarantined (stored in the catalog; values are a fixed contract)."""
+
+    NOT_IMAGE = "not_image"
+    CORRUPT = "corrupt"
+    UNSUPPORTED_TRANSFER_SYNTAX = "unsupported_transfer_syntax"
+    UNLABELLED = "unlabelled"
+    TOO_LARGE = "too_large"
+    UNSAFE_ARCHIVE = "unsafe_archive"
+    BLANK = "blank"
+    EMPTY = "empty"
+    NO_PIXEL_DATA = "no_pixel_data"
+
+
+class Rejected(Exception):
+    """An input that cannot become a training/scoring image. ``detail`` never contains PHI."""
+
+    def __init__(self, reason: Reason, detail: str):
+        super().__init__(reason, detail)
+        self.reason = Reason(reason)
+        self.detail = detail
+
+    def __str__(self) -> str:
+        return f"{self.reason.value}: {self.detail}"
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Resource ceilings for one object, checked before the expensive work they guard."""
+
+    max_object_bytes: int
+    max_archive_members: int
+    max_archive_bytes: int
+    max_image_pixels: int
+    max_frames: int
+
+    @classmethod
+    def from_settings(cls, settings: Any) -> Limits:
+        return cls(
+            max_object_bytes=settings.max_object_bytes,
+            max_archive_members=settings.max_archive_members,
+            max_archive_bytes=settings.max_archive_bytes,
+            max_image_pixels=settings.max_image_pixels,
+            max_frames=settings.max_frames,
+        )
+
+
+@dataclass(frozen=True)
+class Decoded:
+    """A canonical image plus the header facts ingest records.
+
+    ``patient_id``, ``study_uid`` and ``accession`` are raw identifiers (PHI): the caller
+    pseudonymises them at once and never logs them.
+    """
+
+    pixels: np.ndarray
+    frame: int | None
+    n_frames: int
+    orig_rows: int
+    orig_cols: int
+    bits_stored: int
+    photometric: str | None
+    transfer_syntax: str | None
+    modality: str | None = None
+    body_part: str | None = None
+    study_description: str | None = None
+    patient_id: str | None = None
+    study_uid: str | None = None
+    accession: str | None = None
+
+
+# --------------------------------------------------------------------------- sniffing
+
+
+def sniff(data: bytes, name: str) -> str:
+    """The object's kind from its content: "dicom", "png", "jpeg", "zip", "tar" or "unknown".
+
+    ``name`` is accepted for symmetry with the other entry points but never decides: extensions lie.
+    "tar" includes gzip/bzip2/xz-compressed tars; "dicom" includes Part-10 files with or without
+    the preamble and raw datasets without file meta that parse as a plausible dataset.
+    """
+    if data[128:132] == b"DICM" or data[:4] == b"DICM":
+        return "dicom"
+    if data.startswith(_PNG):
+        return "png"
+    if data.startswith(_JPEG):
+        return "jpeg"
+    if data.startswith(_ZIP):
+        return "zip"
+    if _is_tar_header(_decompressed_head(data)):
+        return "tar"
+    if _looks_like_raw_dataset(data):
+        return "dicom"
+    return "unknown"
+
+
+def _decompressed_head(data: bytes) -> bytes:
+    """The first tar block of ``data``, decompressing gzip/bzip2/xz just far enough to see it."""
+    try:
+        if data.startswith(GZIP_MAGIC):
+            return zlib.decompressobj(16 + zlib.MAX_WBITS).decompress(data[:65536], _TAR_BLOCK)
+        if data.startswith(BZ2_MAGIC):  # bzip2 emits nothing before a whole (<= 900 kB) block
+            return bz2.BZ2Decompressor().decompress(data[: 1 << 20], _TAR_BLOCK)
+        if data.startswith(XZ_MAGIC):
+            return lzma.LZMADecompressor().decompress(data[:65536], _TAR_BLOCK)
+    except (zlib.error, OSError, EOFError, lzma.LZMAError):
+        return b""
+    return data[:_TAR_BLOCK]
+
+
+def _is_tar_header(block: bytes) -> bool:
+    """A valid tar header checksum (what tarfile itself trusts; covers ustar, GNU and v7 tars)."""
+    if len(block) < _TAR_BLOCK:
+        return False
+    try:
+        stored = int(block[148:156].replace(b"\0", b" ").strip() or b"x", 8)
+    except ValueError:
+        return False
+    unsigned = sum(block[:148]) + 8 * 32 + sum(block[156:_TAR_BLOCK])
+    signed = sum(struct.unpack("148b", block[:148])) + 8 * 32 + sum(struct.unpack("356b", block[156:512]))
+    return stored in (unsigned, signed)
+
+
+def _looks_like_raw_dataset(data: bytes) -> bool:
+    """A file-meta-less dataset: first tag in a low even group and at least two dictionary tags parse."""
+    if len(data) < 8:
+        return False
+    groups = struct.unpack_from("<H", data)[0], struct.unpack_from(">H", data)[0]
+    if not any(2 <= group <= 0x28 and group % 2 == 0 for group in groups):
+        return False
+    try:
+        ds = pydicom.dcmread(BytesIO(data), force=True, stop_before_pixels=True)
+        tags = ds.keys()  # tags only: iterating the dataset would convert every value
+        return sum(dictionary_has_tag(tag) for tag in tags) >= 2
+    except Exception:
+        return False
+
+
+# --------------------------------------------------------------------------- decoding
+
+
+def decode_image(data: bytes, name: str, size: int, limits: Limits) -> Decoded:
+    """Decode ``data`` to a canonical ``size``x``size`` uint8 image; raise :class:`Rejected` otherwise.
+
+    ``name`` only contributes its extension to rejection details (never the name: it may hold PHI).
+    """
+    try:
+        return _decode(data, name, size, limits)
+    except Rejected:
+        raise
+    except MemoryError:
+        raise Rejected(Reason.TOO_LARGE, "out of memory while decoding") from None
+    except Exception as exc:  # the contract: nothing but Rejected escapes, and no PHI-bearing message
+        raise Rejected(Reason.CORRUPT, f"unexpected {type(exc).__name__} while decoding") from None
+
+
+def _decode(data: bytes, name: str, size: int, limits: Limits) -> Decoded:
+    if not data:
+        raise Rejected(Reason.EMPTY, "zero-byte object")
+    if len(data) > limits.max_object_bytes:
+        raise Rejected(Reason.TOO_LARGE, f"{len(data)} bytes > max_object_bytes {limits.max_object_bytes}")
+    kind = sniff(data, name)
+    if kind == "dicom":
+        return _decode_dicom(data, size, limits)
+    if kind in ("png", "jpeg"):
+        return _decode_raster(data, kind, size, limits)
+    suffix = PurePosixPath(name).suffix.lower()
+    suffix = suffix if len(suffix) <= 6 and suffix[1:].isalnum() else "unrecognised"  # names may hold PHI
+    if kind in ("zip", "tar"):
+        raise Rejected(Reason.NOT_IMAGE, f"{kind} archive (extension {suffix}): expand it first")
+    raise Rejected(Reason.NOT_IMAGE, f"content is not DICOM, PNG, JPEG or an archive (extension {suffix})")
+
+
+def _check_pixels(rows: int, cols: int, limits: Limits) -> None:
+    if rows < 1 or cols < 1:
+        raise Rejected(Reason.CORRUPT, f"invalid image size {rows}x{cols}")
+    if rows * cols > limits.max_image_pixels:
+        raise Rejected(Reason.TOO_LARGE, f"{rows}x{cols} pixels > max_image_pixels {limits.max_image_pixels}")
+
+
+def _finish(native: np.ndarray, size: int, window: tuple[float, float] | None) -> np.ndarray:
+    """Native-unit 2-D image -> canonical pixels, rejecting images that carry no information."""
+    finite = np.isfinite(native)
+    if not finite.all():  # float pixel data may use NaN/inf as padding: treat it as background
+        if not finite.any():
+            raise Rejected(Reason.BLANK, "no finite pixel values")
+        native = np.where(finite, native, native[finite].min())
+    if native.min() == native.max():
+        raise Rejected(Reason.BLANK, "constant pixel values")
+    pixels = normalise(native, size, window)
+    if pixels.min() == pixels.max():
+        raise Rejected(Reason.BLANK, "constant after intensity scaling")
+    return pixels
+
+
+def _luma(rgb: np.ndarray) -> np.ndarray:
+    return np.asarray(rgb[..., :3], dtype=np.float32) @ _BT601
+
+
+# --------------------------------------------------------------------------- DICOM
+
+
+def _read_dataset(data: bytes, limits: Limits) -> Dataset:
+    if data[:4] == b"DICM":  # prefix without the preamble: restore it so pydicom finds the meta
+        data = bytes(128) + data
+    _guard_deflate(data, limits)
+    try:
+        return pydicom.dcmread(BytesIO(data), force=True)
+    except Exception as exc:
+        raise Rejected(Reason.CORRUPT, f"unreadable DICOM ({type(exc).__name__})") from None
+
+
+def _guard_deflate(data: bytes, limits: Limits) -> None:
+    """pydicom inflates a Deflated-syntax dataset in one unbounded call: measure it first."""
+    fp = BytesIO(data)
+    try:
+        if read_preamble(fp, True) is None:
+            return  # no file meta, hence no deflated syntax
+        tsyntax = _read_file_meta_info(fp).get("TransferSyntaxUID")
+    except Exception:
+        return  # dcmread reports the damage
+    if tsyntax != DeflatedExplicitVRLittleEndian:
+        return
+    inflater, pending, total = zlib.decompressobj(-zlib.MAX_WBITS), data[fp.tell() :], 0
+    while not inflater.eof:
+        try:
+            out = inflater.decompress(pending, _INFLATE_CHUNK)
+        except zlib.error:
+            raise Rejected(Reason.CORRUPT, "corrupt deflated dataset") from None
+        total += len(out)
+        if total > limits.max_object_bytes:
+            raise Rejected(
+                Reason.TOO_LARGE, f"deflated dataset inflates beyond {limits.max_object_bytes} bytes"
+            )
+        pending = inflater.unconsumed_tail
+        if not out and not pending:
+            break
+
+
+def _text(ds: Dataset, keyword: str) -> str | None:
+    value = ds.get(keyword)
+    if value is None:
+        return None
+    return str(value).strip() or None
+
+
+def _int(ds: Dataset, keyword: str, default: int | None = None) -> int:
+    value = ds.get(keyword)
+    if value in (None, ""):
+        if default is None:
+            raise Rejected(Reason.CORRUPT, f"missing {keyword}")
+        return default
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise Rejected(Reason.CORRUPT, f"invalid {keyword}") from None
+
+
+def _first_float(value: Any) -> float:
+    return float(value[0] if isinstance(value, MultiValue | list | tuple) else value)
+
+
+def _frame_value(ds: Dataset, frame: int, group: str, keyword: str) -> Any:
+    """``keyword`` at top level, else in the frame's then the shared functional group ``group``."""
+    if keyword in ds:
+        return ds[keyword].value
+    for sequence, index in (
+        ("PerFrameFunctionalGroupsSequence", frame),
+        ("SharedFunctionalGroupsSequence", 0),
+    ):
+        items = ds.get(sequence)
+        if items and index < len(items):
+            macro = items[index].get(group)
+            if macro and keyword in macro[0]:
+                return macro[0][keyword].value
+    return None
+
+
+def _transfer_syntax(ds: Dataset) -> UID:
+    """The file's transfer syntax; for raw datasets the encoding pydicom parsed them with."""
+    tsyntax = ds.file_meta.get("TransferSyntaxUID")
+    if tsyntax:
+        return UID(tsyntax)
+    if "PixelData" in ds and ds["PixelData"].is_undefined_length:
+        raise Rejected(
+            Reason.UNSUPPORTED_TRANSFER_SYNTAX, "encapsulated pixel data without a transfer syntax"
+        )
+    implicit, little = ds.original_encoding
+    syntaxes = {
+        (True, True): ImplicitVRLittleEndian,
+        (False, True): ExplicitVRLittleEndian,
+        (False, False): ExplicitVRBigEndian,
+    }
+    if (implicit, little) not in syntaxes:
+        raise Rejected(Reason.CORRUPT, "undeterminable dataset encoding")
+    ds.file_meta.TransferSyntaxUID = syntaxes[(implicit, little)]
+    return ds.file_meta.TransferSyntaxUID
+
+
+def _decode_dicom(data: bytes, size: int, limits: Limits) -> Decoded:
+    ds = _read_dataset(data, limits)
+    if not any(keyword in ds for keyword in _PIXEL_KEYWORDS):
+        raise Rejected(Reason.NO_PIXEL_DATA, "dataset has no pixel data")
+    rows, cols = _int(ds, "Rows"), _int(ds, "Columns")
+    _check_pixels(rows, cols, limits)
+    n_frames = _int(ds, "NumberOfFrames", default=1)
+    if n_frames < 1:
+        raise Rejected(Reason.CORRUPT, f"invalid NumberOfFrames {n_frames}")
+    if n_frames > limits.max_frames:
+        raise Rejected(Reason.TOO_LARGE, f"{n_frames} frames > max_frames {limits.max_frames}")
+    tsyntax = _transfer_syntax(ds)
+    try:
+        decoder = get_decoder(tsyntax)
+    except NotImplementedError:
+        raise Rejected(
+            Reason.UNSUPPORTED_TRANSFER_SYNTAX, f"no decoder for {tsyntax} ({tsyntax.name})"
+        ) from None
+    if not decoder.is_available:
+        raise Rejected(
+            Reason.UNSUPPORTED_TRANSFER_SYNTAX, f"no installed plugin decodes {tsyntax} ({tsyntax.name})"
+        )
+    frame = n_frames // 2
+    native, window = dicom_native(ds, frame)
+    return Decoded(
+        pixels=_finish(native, size, window),
+        frame=frame if n_frames > 1 else None,
+        n_frames=n_frames,
+        orig_rows=rows,
+        orig_cols=cols,
+        bits_stored=_int(ds, "BitsStored", default=_int(ds, "BitsAllocated", default=0)),
+        photometric=_text(ds, "PhotometricInterpretation"),
+        transfer_syntax=str(tsyntax),
+        modality=_text(ds, "Modality"),
+        body_part=_text(ds, "BodyPartExamined"),
+        study_description=_text(ds, "StudyDescription"),
+        patient_id=_text(ds, "PatientID"),
+        study_uid=_text(ds, "StudyInstanceUID"),
+        accession=_text(ds, "AccessionNumber"),
+    )
+
+
+def dicom_native(ds: Dataset, frame: int) -> tuple[np.ndarray, tuple[float, float] | None]:
+    """Decode one frame to a 2-D float image in native units plus its window, per the module rules."""
+    try:
+        stored = pixel_array(ds, index=frame)
+    except Exception as exc:  # pixel-level messages are technical (lengths, syntaxes), never PHI
+        message = " ".join(str(exc).split())[:200]
+        raise Rejected(Reason.CORRUPT, f"pixel data undecodable ({type(exc).__name__}: {message})") from None
+    photometric = _text(ds, "PhotometricInterpretation")
+    if photometric == "PALETTE COLOR":
+        return _luma(apply_color_lut(stored, ds)), None
+    if stored.ndim == 3:  # RGB; pydicom already converted YBR_* to RGB
+        return _luma(stored), None
+    if stored.ndim != 2:
+        raise Rejected(Reason.CORRUPT, f"unexpected decoded shape {stored.shape}")
+    if photometric not in _MONOCHROME:
+        raise Rejected(Reason.CORRUPT, f"single-sample image with photometric {photometric}")
+    native = _rescale(stored, ds, frame)
+    window = None
+    if ds.get("VOILUTSequence"):
+        native = apply_voi(np.rint(native).astype(np.int64), ds)
+    else:
+        window = _window(ds, frame)
+    native = np.asarray(native, dtype=np.float32)
+    if photometric == "MONOCHROME1":
+        native = -native
+        window = None if window is None else (-window[1], -window[0])
+    return native, window
+
+
+def _rescale(stored: np.ndarray, ds: Dataset, frame: int) -> np.ndarray:
+    if ds.get("ModalityLUTSequence"):
+        return apply_rescale(stored, ds)
+    group = "PixelValueTransformationSequence"
+    slope = _frame_value(ds, frame, group, "RescaleSlope")
+    intercept = _frame_value(ds, frame, group, "RescaleIntercept")
+    native = stored.astype(np.float32)  # also makes big-endian and signed dtypes native float
+    if slope not in (None, ""):
+        native *= np.float32(_first_float(slope))
+    if intercept not in (None, ""):
+        native += np.float32(_first_float(intercept))
+    return native
+
+
+def _window(ds: Dataset, frame: int) -> tuple[float, float] | None:
+    """The first Window Centre/Width pair as (lo, hi) bounds (PS3.3 C.11.2.1.2), or None."""
+    group = "FrameVOILUTSequence"
+    centre, width = (
+        _frame_value(ds, frame, group, "WindowCenter"),
+        _frame_value(ds, frame, group, "WindowWidth"),
+    )
+    if centre in (None, "") or width in (None, ""):
+        return None
+    try:
+        c, w = _first_float(centre), _first_float(width)
+    except (TypeError, ValueError):
+        return None  # a garbled display hint is ignored, like a width the standard forbids
+    function = str(_frame_value(ds, frame, group, "VOILUTFunction") or "LINEAR").strip().upper()
+    if function == "LINEAR_EXACT":
+        return (c - w / 2, c + w / 2) if w > 0 else None
+    if w < 1:  # LINEAR requires width >= 1; SIGMOID shares its bounds
+        return None
+    return c - 0.5 - (w - 1) / 2, c - 0.5 + (w - 1) / 2
+
+
+# --------------------------------------------------------------------------- PNG / JPEG
+
+
+def _decode_raster(data: bytes, kind: str, size: int, limits: Limits) -> Decoded:
+    try:
+        image = Image.open(BytesIO(data), formats=[kind.upper()])  # lazy: reads the header only
+    except Image.DecompressionBombError:  # beyond twice Pillow's own limit, checked on open
+        raise Rejected(Reason.TOO_LARGE, "image dimensions refused by Pillow") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise Rejected(Reason.CORRUPT, f"unreadable {kind} header ({type(exc).__name__})") from None
+    with image:
+        cols, rows = image.size
+        _check_pixels(rows, cols, limits)  # before load(), so Pillow's global bomb limit never decides
+        try:
+            image.load()
+        except Image.DecompressionBombError:
+            raise Rejected(Reason.TOO_LARGE, f"{rows}x{cols} pixels refused by Pillow") from None
+        except (OSError, SyntaxError, ValueError, EOFError) as exc:
+            raise Rejected(Reason.CORRUPT, f"truncated or corrupt {kind} ({type(exc).__name__})") from None
+        native, photometric, bits = _raster_native(image)
+    return Decoded(
+        pixels=_finish(native, size, None),
+        frame=None,
+        n_frames=1,
+        orig_rows=rows,
+        orig_cols=cols,
+        bits_stored=bits,
+        photometric=photometric,
+        transfer_syntax=None,
+    )
+
+
+def _raster_native(image: Image.Image) -> tuple[np.ndarray, str, int]:
+    """A loaded Pillow image -> (2-D float image, DICOM-style photometric, bits per sample)."""
+    mode = image.mode
+    if mode in ("1", "L", "LA"):
+        gray = image if mode != "LA" else image.getchannel("L")
+        return np.asarray(gray, dtype=np.float32), "MONOCHROME2", 1 if mode == "1" else 8
+    if mode.startswith("I") or mode == "F":
+        return np.asarray(image, dtype=np.float32), "MONOCHROME2", 16 if mode.startswith("I;16") else 32
+    photometric = "PALETTE COLOR" if mode in ("P", "PA") else "RGB"
+    return _luma(np.asarray(image.convert("RGB"))), photometric, 8

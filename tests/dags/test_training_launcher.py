@@ -1,0 +1,480 @@
+"""The training launcher and its deployment files, checked offline.
+
+The pod is rendered by the real KubernetesPodOperator and validated against the Kubernetes OpenAPI
+schema bundled with kubernetes-validate; the local backend runs the real ``python -m mmpipe train``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from types import SimpleNamespace
+
+import kubernetes_validate
+import pytest
+import yaml
+from airflow.sdk import DAG
+from airflow.sdk.exceptions import AirflowException
+from kubernetes.client import ApiClient
+from kubernetes.client.exceptions import ApiException
+
+from mmpipe.config import Settings
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "plugins"))  # Airflow puts plugins/ on sys.path; so do the tests.
+
+from mmpipe_airflow.training import TrainCandidateOperator  # noqa: E402
+
+K8S_VERSIONS = ["1.31.0", kubernetes_validate.latest_version()]
+PLAN = "s3://mmpipe/plans/2026-11-23/plan.json"
+RUN_ID = "scheduled__2026-11-23T00:00:00+00:00"
+CANDIDATE = {
+    "name": "resnet18-f50", "backbone": "resnet18", "freeze_ratio": 0.5, "init": "pretrained",
+    "channel_mode": "replicate", "image_size": 64, "epochs": 2, "batch_size": 16, "lr": 0.001,
+    "lr_finetune": 0.0001,
+}  # fmt: skip
+DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
+
+
+def k8s_operator(**overrides) -> TrainCandidateOperator:
+    kwargs = {"plan_uri": PLAN, "candidate": CANDIDATE, "run_id": RUN_ID, "backend": "kubernetes"}
+    return TrainCandidateOperator(task_id="train", **{**kwargs, **overrides})
+
+
+def render_pod(**overrides) -> dict:
+    pod = k8s_operator(**overrides).build_pod_operator().build_pod_request_obj(context=None, dry_run=True)
+    return ApiClient().sanitize_for_serialization(pod)
+
+
+def trainer(pod: dict) -> dict:
+    (container,) = [c for c in pod["spec"]["containers"] if c["name"] == "base"]
+    return container
+
+
+def settings_field(env_name: str) -> str:
+    assert env_name.startswith("MMPIPE_"), env_name
+    return env_name.removeprefix("MMPIPE_").lower()
+
+
+def yaml_docs(path: Path) -> list[dict]:
+    return [doc for doc in yaml.safe_load_all(path.read_text()) if doc]
+
+
+# --- the pod ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("version", K8S_VERSIONS)
+@pytest.mark.parametrize("gpu_count", [1, 0])
+def test_rendered_pod_is_valid_kubernetes(version, gpu_count):
+    kubernetes_validate.validate(render_pod(gpu_count=gpu_count), version, strict=True)
+
+
+def test_pod_requests_a_gpu_on_a_gpu_node():
+    pod = render_pod(gpu_count=2)
+    resources = trainer(pod)["resources"]
+    assert resources["limits"]["nvidia.com/gpu"] == "2"
+    assert set(resources["requests"]) == {"cpu", "memory"}
+    assert pod["spec"]["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod["spec"][
+        "tolerations"
+    ]
+
+
+def test_cpu_only_pod_asks_for_no_gpu_and_no_gpu_node():
+    pod = render_pod(gpu_count=0)
+    assert "nvidia.com/gpu" not in trainer(pod)["resources"]["limits"]
+    assert not pod["spec"].get("nodeSelector")
+    assert not pod["spec"].get("tolerations")
+
+
+def test_explicit_node_selector_and_tolerations_win():
+    tolerations = [{"key": "dedicated", "operator": "Equal", "value": "ml", "effect": "NoSchedule"}]
+    pod = render_pod(node_selector={"pool": "a100"}, tolerations=tolerations)
+    assert pod["spec"]["nodeSelector"] == {"pool": "a100"}
+    assert pod["spec"]["tolerations"] == tolerations
+
+
+def test_pod_command_is_exactly_the_train_cli():
+    container = trainer(render_pod())
+    command = container["command"] + container.get("args", [])
+    assert command == [
+        "mmpipe", "train", "--plan", PLAN, "--candidate", command[5], "--run-id", RUN_ID,
+        "--xcom-file", "/airflow/xcom/return.json",
+    ]  # fmt: skip
+    assert json.loads(command[5]) == CANDIDATE
+
+
+def test_pod_identity_settings_and_housekeeping():
+    pod = render_pod()
+    spec, container = pod["spec"], trainer(pod)
+    assert container["envFrom"] == [{"secretRef": {"name": "mmpipe-settings"}}]
+    assert spec["serviceAccountName"] == "mmpipe-trainer"
+    assert spec["automountServiceAccountToken"] is False
+    assert spec["restartPolicy"] == "Never"
+    assert container["securityContext"]["runAsNonRoot"] is True
+    assert container["securityContext"]["allowPrivilegeEscalation"] is False
+    (shm,) = [v for v in spec["volumes"] if v["name"] == "dshm"]
+    assert shm["emptyDir"]["medium"] == "Memory"
+    assert {"name": "dshm", "mountPath": "/dev/shm"} in container["volumeMounts"]
+    # The xcom sidecar exists, so the CLI's return.json becomes the task's XCom.
+    assert any(c["name"] == "airflow-xcom-sidecar" for c in spec["containers"])
+    labels = pod["metadata"]["labels"]
+    assert {k: labels[k] for k in ("app", "component", "backbone")} == {
+        "app": "mmpipe", "component": "trainer", "backbone": "resnet18"
+    }  # fmt: skip
+    assert pod["metadata"]["namespace"] == "mmpipe"
+
+
+def test_pod_launch_options():
+    pod_op = k8s_operator().build_pod_operator()
+    assert pod_op.do_xcom_push is True
+    assert pod_op.on_finish_action.value == "delete_succeeded_pod"
+    assert pod_op.deferrable is False
+
+
+def test_no_secret_values_reach_the_pod_spec(monkeypatch):
+    sentinels = {
+        "MMPIPE_S3_SECRET_ACCESS_KEY": "sentinel-s3-secret-7f3a",
+        "MMPIPE_DATABASE_URL": "postgresql://mmpipe:sentinel-db-pw-91c2@db/mmpipe",
+        "MMPIPE_PSEUDONYM_SALT": "sentinel-salt-44be",
+    }
+    for name, value in sentinels.items():
+        monkeypatch.setenv(name, value)
+    pod = render_pod()
+    text = json.dumps(pod)
+    assert not [v for v in sentinels.values() if v in text]
+    assert not trainer(pod).get("env"), "settings must come from the Secret, not literal env values"
+
+
+def test_pod_names_and_labels_are_dns_safe():
+    candidate = {
+        "name": "ResNet18 / Freeze 50% (ImageNet) " + "x" * 80,
+        "backbone": "vit_base_patch16_224.augreg_in21k",
+    }
+    pod_op = k8s_operator(candidate=candidate).build_pod_operator()
+    name = pod_op._set_name(pod_op.name)  # what execute() does before creating the pod
+    pod = ApiClient().sanitize_for_serialization(pod_op.build_pod_request_obj(context=None, dry_run=True))
+    assert name.startswith("train-resnet18-freeze-50-imagenet")
+    for pod_name in (name, pod["metadata"]["name"]):
+        assert DNS_LABEL.match(pod_name) and len(pod_name) <= 63, pod_name
+    for key in ("backbone", "candidate"):
+        value = pod["metadata"]["labels"][key]
+        assert LABEL_VALUE.match(value) and len(value) <= 63, value
+    assert pod["metadata"]["labels"]["backbone"] == "vit_base_patch16_224.augreg_in21k"
+
+
+@pytest.mark.parametrize(
+    "candidate",
+    [{"name": "r18"}, {"backbone": "resnet18"}, ["resnet18"], {"name": 3, "backbone": "resnet18"}],
+)
+def test_malformed_candidate_is_rejected_clearly(candidate):
+    with pytest.raises(AirflowException, match="candidate must be a dict"):
+        k8s_operator(candidate=candidate).build_pod_operator()
+    with pytest.raises(AirflowException, match="candidate must be a dict"):
+        k8s_operator(candidate=candidate, backend="local").local_command(Path("/tmp/x.json"))
+
+
+def test_unknown_backend_and_negative_gpus_fail_at_parse_time():
+    with pytest.raises(ValueError, match="backend"):
+        k8s_operator(backend="gpu")
+    with pytest.raises(ValueError, match="gpu_count"):
+        k8s_operator(gpu_count=-1)
+
+
+def test_operator_defaults_match_settings_defaults():
+    op = TrainCandidateOperator(task_id="t", plan_uri=PLAN, candidate=CANDIDATE)
+    fields = Settings.model_fields
+    assert op.backend == fields["training_backend"].default
+    assert op.namespace == fields["k8s_namespace"].default
+    assert op.image == fields["k8s_trainer_image"].default
+    assert op.gpu_count == fields["k8s_gpu_count"].default
+    assert op.service_account == fields["k8s_service_account"].default
+
+
+@pytest.fixture
+def refusing_api_server(tmp_path, monkeypatch):
+    """A loopback stand-in for the Kubernetes API: lists no pods, records and refuses (403) pod creations."""
+    requests: list[tuple[str, str, dict | None]] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def reply(self, code: int, body: dict) -> None:
+            data = json.dumps(body).encode()
+            self.send_response(code)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def do_GET(self):
+            requests.append(("GET", self.path, None))
+            self.reply(200, {"apiVersion": "v1", "kind": "PodList", "metadata": {}, "items": []})
+
+        def do_POST(self):
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            requests.append(("POST", self.path, body))
+            self.reply(403, {"kind": "Status", "apiVersion": "v1", "status": "Failure", "code": 403,
+                             "reason": "Forbidden", "message": "refused by the test"})  # fmt: skip
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text(
+        yaml.safe_dump({
+            "apiVersion": "v1", "kind": "Config", "current-context": "test",
+            "clusters": [{"name": "test", "cluster": {"server": f"http://127.0.0.1:{server.server_port}"}}],
+            "users": [{"name": "test", "user": {"token": "not-a-secret"}}],
+            "contexts": [{"name": "test", "context": {"cluster": "test", "user": "test"}}],
+        })
+    )  # fmt: skip
+    connection = {"conn_type": "kubernetes", "extra": {"kube_config_path": str(kubeconfig)}}
+    monkeypatch.setenv("AIRFLOW_CONN_KUBERNETES_DEFAULT", json.dumps(connection))
+    yield requests
+    server.shutdown()
+
+
+def test_kubernetes_execute_submits_the_declared_pod(refusing_api_server):
+    op = k8s_operator()
+    expected = render_pod()
+    ti = SimpleNamespace(dag_id="mmpipe_train", task_id="train", map_index=1, try_number=1)
+    ti.xcom_push = lambda **kwargs: None
+    with pytest.raises(ApiException) as excinfo:
+        op.execute({"ti": ti, "run_id": RUN_ID, "dag": SimpleNamespace()})
+    assert excinfo.value.status == 403
+    posts = [(path, body) for method, path, body in refusing_api_server if method == "POST"]
+    assert [path for path, _ in posts] == ["/api/v1/namespaces/mmpipe/pods"]
+    submitted = posts[0][1]
+    assert trainer(submitted) == trainer(expected)
+    assert submitted["spec"]["nodeSelector"] == expected["spec"]["nodeSelector"]
+    assert submitted["metadata"]["labels"]["map_index"] == "1"  # each mapped candidate's pod is findable
+    kubernetes_validate.validate(submitted, K8S_VERSIONS[0], strict=True)
+
+
+# --- Airflow integration: templating and dynamic task mapping ------------------------------------
+
+
+def test_template_fields_render_plan_candidate_and_run_id():
+    op = TrainCandidateOperator(
+        task_id="train",
+        plan_uri="{{ params.plan }}",
+        candidate={"name": "{{ params.name }}", "backbone": "r18"},
+    )
+    op.render_template_fields({"run_id": RUN_ID, "params": {"plan": PLAN, "name": "r18-f50"}})
+    assert op.local_command(Path("/x.json"))[4:10] == [
+        "--plan", PLAN, "--candidate", '{"backbone":"r18","name":"r18-f50"}', "--run-id", RUN_ID
+    ]  # fmt: skip
+
+
+def test_partial_expand_maps_one_pod_per_candidate():
+    candidates = [CANDIDATE, {**CANDIDATE, "name": "densenet121-f0", "backbone": "densenet121"}]
+    with DAG("launcher_mapping", schedule=None):
+        mapped = TrainCandidateOperator.partial(task_id="train", plan_uri=PLAN, backend="kubernetes").expand(
+            candidate=candidates
+        )
+    names = []
+    for candidate in candidates:
+        op = mapped.unmap({"candidate": candidate})
+        assert isinstance(op, TrainCandidateOperator)
+        names.append(op.build_pod_operator().name)
+    assert names == ["train-resnet18-f50", "train-densenet121-f0"]
+
+
+# --- the local backend ----------------------------------------------------------------------------
+
+
+def test_local_command_runs_the_cli_in_this_interpreter(tmp_path):
+    xcom = tmp_path / "return.json"
+    op = TrainCandidateOperator(task_id="train", plan_uri=PLAN, candidate=CANDIDATE, run_id=RUN_ID)
+    command = op.local_command(xcom)
+    assert command[:4] == [sys.executable, "-m", "mmpipe", "train"]
+    assert command[4:] == [
+        "--plan",
+        PLAN,
+        "--candidate",
+        command[7],
+        "--run-id",
+        RUN_ID,
+        "--xcom-file",
+        str(xcom),
+    ]
+    assert json.loads(command[7]) == CANDIDATE
+
+
+def test_local_execute_surfaces_the_cli_failure(tmp_path):
+    """A plan that cannot exist makes the real CLI fail (or, before the CLI is written, Python does);
+    either way the task must fail with the subprocess's own last words in the exception."""
+    op = TrainCandidateOperator(
+        task_id="train", plan_uri="file:///nonexistent/mmpipe/plan.json", candidate=CANDIDATE, run_id=RUN_ID
+    )
+    reference = subprocess.run(
+        op.local_command(tmp_path / "ref.json"), capture_output=True, text=True, timeout=120
+    )
+    assert reference.returncode != 0
+    last_stderr_line = reference.stderr.strip().splitlines()[-1]
+    with pytest.raises(AirflowException) as excinfo:
+        op.execute(context={})
+    message = str(excinfo.value)
+    assert f"exited with code {reference.returncode}" in message
+    assert last_stderr_line in message
+
+
+# --- deployment files -----------------------------------------------------------------------------
+
+K8S_MANIFESTS = sorted((ROOT / "infra" / "k8s").glob("*.yaml"))
+PLACEHOLDER = "CHANGE_ME"
+
+
+def manifests() -> list[dict]:
+    return [doc for path in K8S_MANIFESTS for doc in yaml_docs(path)]
+
+
+def test_every_manifest_is_valid_kubernetes():
+    assert K8S_MANIFESTS, "infra/k8s/ holds no manifests"
+    for version in K8S_VERSIONS:
+        for doc in manifests():
+            kubernetes_validate.validate(doc, version, strict=True)
+
+
+def test_rbac_lets_the_worker_launch_pods_and_the_trainer_do_nothing():
+    docs = manifests()
+    (role,) = [d for d in docs if d["kind"] == "Role" and d["metadata"]["name"] == "mmpipe-pod-launcher"]
+    (binding,) = [d for d in docs if d["kind"] == "RoleBinding"]
+    granted = {(res, verb) for rule in role["rules"] for res in rule["resources"] for verb in rule["verbs"]}
+    # What the KubernetesPodOperator calls: create/watch/patch/delete the pod, stream its log,
+    # exec into the xcom sidecar, read scheduling events.
+    needed = {("pods", v) for v in ("create", "get", "list", "watch", "patch", "delete")}
+    needed |= {("pods/log", "get"), ("pods/exec", "create"), ("pods/exec", "get"), ("events", "list")}
+    assert needed <= granted
+    assert role["metadata"]["namespace"] == binding["metadata"]["namespace"] == "mmpipe"
+    assert binding["roleRef"]["name"] == role["metadata"]["name"]
+    assert [s["name"] for s in binding["subjects"]] == ["mmpipe-airflow-worker"]
+    (trainer_sa,) = [
+        d for d in docs if d["kind"] == "ServiceAccount" and d["metadata"]["name"] == "mmpipe-trainer"
+    ]
+    assert trainer_sa["automountServiceAccountToken"] is False
+    bound = {
+        s["name"] for d in docs if d["kind"] in ("RoleBinding", "ClusterRoleBinding") for s in d["subjects"]
+    }
+    assert "mmpipe-trainer" not in bound
+
+
+def test_settings_secret_example_holds_only_placeholders_for_settings():
+    (secret,) = yaml_docs(ROOT / "infra" / "k8s" / "settings-secret.example.yaml")
+    assert secret["metadata"]["name"] == k8s_operator().settings_secret
+    for name, value in secret["stringData"].items():
+        assert settings_field(name) in Settings.model_fields, name
+        if re.search(r"SECRET|PASSWORD|SALT|KEY_ID|DATABASE_URL", name):
+            assert PLACEHOLDER in value, f"{name} must be a placeholder"
+
+
+def test_helm_values_run_training_on_kubernetes_with_settings_from_the_secret():
+    values = yaml.safe_load((ROOT / "infra" / "helm" / "values.yaml").read_text())
+    assert values["executor"] in ("KubernetesExecutor", "CeleryExecutor")
+    assert values["postgresql"]["enabled"] is False
+    assert values["data"]["metadataSecretName"]
+    env = {e["name"]: e["value"] for e in values["env"]}
+    assert env["MMPIPE_TRAINING_BACKEND"] == "kubernetes"
+    assert all(settings_field(name) in Settings.model_fields for name in env if name.startswith("MMPIPE_"))
+    env_from = yaml.safe_load(values["extraEnvFrom"])
+    assert {"secretRef": {"name": "mmpipe-settings"}} in env_from
+    worker_sa = values["workers"]["serviceAccount"]
+    assert worker_sa == {"create": False, "name": "mmpipe-airflow-worker"}
+    assert values["config"]["kubernetes_executor"]["namespace"] == env["MMPIPE_K8S_NAMESPACE"] == "mmpipe"
+
+
+def test_images_build_the_pinned_airflow_and_a_non_root_trainer():
+    import airflow
+
+    values = yaml.safe_load((ROOT / "infra" / "helm" / "values.yaml").read_text())
+    airflow_df = (ROOT / "infra" / "docker" / "airflow.Dockerfile").read_text()
+    trainer_df = (ROOT / "infra" / "docker" / "trainer.Dockerfile").read_text()
+    assert re.search(rf"^FROM apache/airflow:{re.escape(airflow.__version__)}-python3\.11$", airflow_df, re.M)
+    assert values["airflowVersion"] == airflow.__version__
+    assert re.search(r"^FROM python:3\.11-slim$", trainer_df, re.M)
+    # runAsNonRoot in the pod can only be verified by the kubelet against a numeric, non-zero USER.
+    (user,) = re.findall(r"^USER (\S+)$", trainer_df, re.M)
+    assert re.fullmatch(r"[1-9][0-9]*(:[0-9]+)?", user)
+    assert re.search(r'^ENTRYPOINT \["mmpipe"\]$', trainer_df, re.M)
+
+
+# --- docker-compose.yml ----------------------------------------------------------------------------
+
+COMPOSE = ROOT / "docker-compose.yml"
+INTERPOLATION = re.compile(r"(?<!\$)\$\{([A-Z0-9_]+)(?::?[-?][^}]*)?\}")
+
+
+def compose() -> dict:
+    return yaml.safe_load(COMPOSE.read_text())
+
+
+def test_compose_runs_airflow3_postgres_and_minio_on_localhost_only():
+    services = compose()["services"]
+    airflow_commands = {name: s["command"] for name, s in services.items() if name.startswith("airflow-")}
+    assert airflow_commands == {
+        "airflow-init": ["db", "migrate"], "airflow-apiserver": ["api-server"],
+        "airflow-scheduler": ["scheduler"], "airflow-dag-processor": ["dag-processor"],
+        "airflow-triggerer": ["triggerer"],
+    }  # fmt: skip
+    for name in airflow_commands:
+        assert services[name]["build"]["dockerfile"] == "infra/docker/airflow.Dockerfile"
+        assert services[name]["environment"]["AIRFLOW__CORE__EXECUTOR"] == "LocalExecutor"
+        assert services[name]["environment"]["MMPIPE_TRAINING_BACKEND"] == "local"
+    assert (ROOT / "infra" / "docker" / "airflow.Dockerfile").exists()
+    assert services["postgres"]["image"].split(":")[1].startswith("16")
+    assert "minio" in services and "minio-init" in services
+    published = [p for s in services.values() for p in s.get("ports", [])]
+    assert published, "the UI must be reachable from the host"
+    assert all(p.startswith("127.0.0.1:") for p in published), published
+
+
+def test_compose_env_is_mmpipe_settings_and_secrets_come_from_dotenv(monkeypatch):
+    services = compose()["services"]
+    for name, service in services.items():
+        for key, value in service.get("environment", {}).items():
+            if key.startswith("MMPIPE_"):
+                assert settings_field(key) in Settings.model_fields, f"{name}: {key}"
+            if re.search(r"PASSWORD$|SECRET|SALT|FERNET_KEY", key):
+                assert INTERPOLATION.fullmatch(str(value)), f"{name}: {key} must come from .env"
+            if "@" in str(value):  # a URL with credentials: its password must come from .env too
+                assert re.search(r"://[^:/@]+:\$\{[A-Z0-9_]+:\?", str(value)), f"{name}: {key}"
+    # The Airflow containers' settings parse, and point at the stack's own MinIO and Postgres.
+    for key, value in services["airflow-scheduler"]["environment"].items():
+        if key.startswith("MMPIPE_"):
+            monkeypatch.setenv(key, INTERPOLATION.sub("x", str(value)))
+    settings = Settings()
+    assert settings.s3_endpoint_url == "http://minio:9000"
+    assert settings.training_backend == "local"
+    assert settings.database_url.startswith("postgresql+psycopg2://mmpipe:")
+    assert settings.database_url.endswith("@postgres:5432/mmpipe")
+
+
+def test_compose_creates_the_catalog_db_and_the_bucket():
+    services = compose()["services"]
+    mounts = services["postgres"]["volumes"]
+    init_mount = [m for m in mounts if "/docker-entrypoint-initdb.d/" in m]
+    assert init_mount == ["./infra/compose/init-db.sql:/docker-entrypoint-initdb.d/10-mmpipe-catalog.sql:ro"]
+    sql = (ROOT / "infra" / "compose" / "init-db.sql").read_text()
+    assert "CREATE DATABASE mmpipe" in sql
+    assert "CATALOG_DB_PASSWORD" in services["postgres"]["environment"]
+    bucket = services["airflow-scheduler"]["environment"]["MMPIPE_S3_BUCKET"]
+    assert f"mc mb --ignore-existing local/{bucket}" in services["minio-init"]["command"][0]
+    depends = services["airflow-scheduler"]["depends_on"]
+    assert depends["minio-init"]["condition"] == "service_completed_successfully"
+    assert depends["airflow-init"]["condition"] == "service_completed_successfully"
+
+
+def test_env_example_defines_every_variable_compose_requires():
+    required = set(INTERPOLATION.findall(COMPOSE.read_text()))
+    example = ROOT / "infra" / "compose" / "env.example"
+    defined = {
+        line.split("=", 1)[0] for line in example.read_text().splitlines() if re.match(r"^[A-Z]", line)
+    }
+    assert required == defined
