@@ -188,6 +188,12 @@ def format_leaderboard(rows: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def cmd_bench(args: argparse.Namespace) -> None:
+    from mmpipe import bench
+
+    bench.run(args.what, objects=args.objects)
+
+
 def cmd_demo(args: argparse.Namespace) -> None:
     from mmpipe.demo import run_demo
 
@@ -273,6 +279,11 @@ def build_parser() -> argparse.ArgumentParser:
     lb = sub.add_parser("leaderboard", help="evaluations, newest first")
     lb.add_argument("--limit", type=int, default=20)
     lb.set_defaults(fn=cmd_leaderboard)
+
+    bench = sub.add_parser("bench", help="benchmarks that print their figures (not timed tests)")
+    bench.add_argument("what", choices=("ingest",))
+    bench.add_argument("--objects", type=int, default=2000)
+    bench.set_defaults(fn=cmd_bench)
 
     demo = sub.add_parser("demo", help="the whole nightly loop on synthetic studies")
     demo.add_argument("--profile", choices=("demo", "full"), default="demo")

@@ -26,7 +26,6 @@ from kubernetes.client.exceptions import ApiException
 from mmpipe.config import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "plugins"))  # Airflow puts plugins/ on sys.path; so do the tests.
 
 from mmpipe_airflow.training import TrainCandidateOperator  # noqa: E402
 
