@@ -7,6 +7,7 @@ Nothing here is mocked: the store is `weed mini` over HTTP, the catalog is Postg
 from __future__ import annotations
 
 import os
+import tempfile
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -16,6 +17,17 @@ import sqlalchemy as sa
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 REPO = Path(__file__).resolve().parents[1]
+# Airflow reads its config at import: point it at a throwaway home before any test imports it.
+AIRFLOW_HOME = Path(tempfile.mkdtemp(prefix="mmpipe-airflow-"))
+os.environ.update(
+    {
+        "AIRFLOW_HOME": str(AIRFLOW_HOME),
+        "AIRFLOW__CORE__DAGS_FOLDER": str(REPO / "dags"),
+        "AIRFLOW__CORE__PLUGINS_FOLDER": str(REPO / "plugins"),
+        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{AIRFLOW_HOME / 'airflow.db'}",
+    }
+)
 
 from mmpipe import catalog as catalog_mod  # noqa: E402
 from mmpipe import embedded  # noqa: E402

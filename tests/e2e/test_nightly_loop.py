@@ -1,0 +1,82 @@
+"""The whole nightly loop through real Airflow DAG runs (`dag.test()`), the real embedded S3
+endpoint and a real PostgreSQL catalog, on a tiny synthetic corpus."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from mmpipe.config import CLASSES
+from mmpipe.synth import generate
+from tests.conftest import export_env
+
+pytestmark = pytest.mark.e2e
+DAGS = Path(__file__).resolve().parents[2] / "dags"
+
+
+@pytest.fixture(scope="module")
+def airflow_db() -> None:
+    subprocess.run([sys.executable, "-m", "airflow", "db", "migrate"], check=True, capture_output=True)
+
+
+def _upload(store, prefix: str, objects, strip_label: bool = False) -> list[str]:
+    def put(obj):
+        key = prefix + (obj.key.split("/", 1)[1] if strip_label else obj.key)
+        store.put(key, obj.body)
+        return key
+
+    with ThreadPoolExecutor(8) as pool:
+        return list(pool.map(put, objects))
+
+
+def test_ingest_retrain_score_through_airflow(airflow_db, ready, pg_url, monkeypatch) -> None:
+    from airflow.dag_processing.dagbag import DagBag
+
+    settings, store, catalog = ready(database_url=pg_url, image_size=48)
+    export_env(monkeypatch, settings)
+    _upload(store, "training/", generate(260, size=64, seed=1))
+    incoming = _upload(store, "incoming/", generate(24, size=64, seed=2, archive_fraction=0.5), strip_label=True)
+    dags = DagBag(dag_folder=str(DAGS)).dags
+
+    run = dags["mmpipe_ingest"].test()
+    assert run.state == "success"
+    ingest_run = catalog.query("SELECT * FROM ingest_runs")[0]
+    assert ingest_run["status"] == "succeeded"
+    objects = catalog.scalar("SELECT count(*) FROM source_objects")
+    assert ingest_run["listed"] == objects == len(list(store.list("training/")))
+    assert ingest_run["ingested"] + ingest_run["duplicates"] + ingest_run["quarantined"] == objects
+    assert catalog.scalar("SELECT count(*) FROM images WHERE status = 'active'") == 260
+    validation = catalog.query("SELECT success, docs_uri FROM validations WHERE suite = 'batch'")[0]
+    assert validation["success"] and store.head(store.key_of(validation["docs_uri"])) is not None
+
+    conf = {"backbones": ["tinycnn", "resnet18"], "epochs": 2, "image_size": 48, "batch_size": 32}
+    run = dags["mmpipe_retrain"].test(run_conf=conf)
+    assert run.state == "success"
+    board = catalog.query("SELECT * FROM leaderboard")
+    assert {r["backbone"] for r in board} == {"tinycnn", "resnet18"}
+    assert all(r["test_snapshot"] == "test-v1" and 0 <= r["accuracy"] <= 1 for r in board)
+    champion = catalog.scalar("SELECT model_version FROM model_aliases WHERE alias = 'champion'")
+    best = max(board, key=lambda r: (r["macro_f1"], r["accuracy"]))
+    assert champion == best["model_version"]
+    assert catalog.scalar("SELECT count(*) FROM epoch_metrics") >= 2
+    assert catalog.scalar("SELECT decision FROM promotions") == "promoted"
+
+    run = dags["mmpipe_score"].test()
+    assert run.state == "success"
+    for key in incoming:
+        tags = store.get_tags(key)
+        assert tags["mmpipe-modality"] in CLASSES
+        assert tags["mmpipe-model"] == champion
+        assert tags["mmpipe-review"] in ("yes", "no")
+        assert 0 < float(tags["mmpipe-confidence"]) <= 1
+    assert catalog.scalar("SELECT count(*) FROM predictions") == 24
+
+    # Reruns are no-ops: nothing new to ingest, nothing unscored for this champion.
+    assert dags["mmpipe_ingest"].test().state == "success"
+    assert catalog.scalar("SELECT count(*) FROM images") == 260
+    assert dags["mmpipe_score"].test().state == "success"
+    assert catalog.scalar("SELECT count(*) FROM predictions") == 24
