@@ -106,10 +106,11 @@ def cmd_synth(args: argparse.Namespace) -> None:
 
 
 def cmd_ingest(args: argparse.Namespace) -> None:
-    from mmpipe import ingest, pipeline
+    from mmpipe import pipeline
 
-    settings, store, catalog = pipeline.connect()
-    _print(ingest.run(settings, store, catalog, args.run_id, args.prefix, args.batch_size))
+    listing = pipeline.ingest_list(args.run_id, args.prefix, args.batch_size)
+    results = [pipeline.ingest_batch(args.run_id, uri) for uri in listing["batch_uris"]]
+    _print(pipeline.ingest_finish(args.run_id, listing, results))
 
 
 def cmd_validate(args: argparse.Namespace) -> None:

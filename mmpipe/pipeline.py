@@ -14,6 +14,7 @@ from typing import Any
 from mmpipe import dataset, evaluate, ingest, promote, score
 from mmpipe.catalog import Catalog, open_catalog
 from mmpipe.config import Settings, get_settings
+from mmpipe.errors import MmpipeError
 from mmpipe.store import ObjectInfo, Store, open_store
 from mmpipe.train import Candidate
 
@@ -29,8 +30,14 @@ def connect(settings: Settings | None = None) -> tuple[Settings, Store, Catalog]
 def ingest_list(run_id: str, prefix: str = ingest.TRAINING_PREFIX, batch_size: int = 200) -> dict[str, Any]:
     """Record the run, find new objects and write one batch manifest per mapped task."""
     _, store, catalog = connect()
-    ingest.start_run(catalog, run_id, prefix)
+    store.check()
     new, listed = ingest.list_new(store, catalog, prefix)
+    if listed == 0:
+        raise MmpipeError(
+            f"nothing to ingest: {store.uri(prefix)} is empty. Upload studies as {prefix}<class>/..., "
+            "or check MMPIPE_S3_BUCKET / the prefix"
+        )
+    ingest.start_run(catalog, run_id, prefix)
     slug = ingest.run_slug(run_id)
     uris = [
         store.put_json(f"reports/ingest/{slug}/batches/{n:05d}.json", {"prefix": prefix, "objects": [asdict(o) for o in b]})

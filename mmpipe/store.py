@@ -86,7 +86,7 @@ class Store:
             ) from None
         except botocore.exceptions.ClientError as exc:
             code = exc.response.get("Error", {}).get("Code", "?")
-            if code in ("NoSuchBucket",):
+            if code == "NoSuchBucket" or (code == "404" and "bucket" in what):
                 raise StoreError(
                     f"bucket {self.bucket!r} does not exist at {self.endpoint}: run `mmpipe init` "
                     "or set MMPIPE_S3_BUCKET"

@@ -1,0 +1,108 @@
+"""The catalog against the real PostgreSQL server (and SQLite, the embedded default)."""
+
+from __future__ import annotations
+
+import pytest
+import sqlalchemy as sa
+
+from mmpipe import catalog as catalog_mod
+from mmpipe import promote
+from mmpipe.errors import CatalogError
+
+pytestmark = pytest.mark.integration
+
+TABLES = {
+    "ingest_runs", "source_objects", "images", "duplicates", "quarantine", "validations", "patient_splits",
+    "test_snapshots", "test_snapshot_members", "dataset_versions", "training_runs", "epoch_metrics", "models",
+    "evaluations", "model_aliases", "promotions", "predictions", "score_failures",
+}  # fmt: skip
+
+
+@pytest.fixture(params=["postgres", "sqlite"])
+def db(request, pg_url, tmp_path) -> catalog_mod.Catalog:
+    url = pg_url if request.param == "postgres" else f"sqlite:///{tmp_path / 'catalog.db'}"
+    catalog = catalog_mod.Catalog(url)
+    yield catalog
+    catalog.dispose()
+
+
+def test_upgrade_creates_schema_and_is_idempotent(db) -> None:
+    assert catalog_mod.upgrade(db) == [m for m, _ in catalog_mod.migrations()]
+    assert catalog_mod.upgrade(db) == []
+    names = set(sa.inspect(db.engine).get_table_names())
+    assert names >= TABLES | {"schema_migrations"}
+    assert "leaderboard" in sa.inspect(db.engine).get_view_names()
+    assert catalog_mod.current_version(db) == catalog_mod.migrations()[-1][0]
+
+
+def test_not_migrated_is_one_clear_error(db) -> None:
+    with pytest.raises(CatalogError, match="not migrated: run `mmpipe db upgrade`"):
+        db.query("SELECT * FROM images")
+
+
+def test_unreachable_database_names_the_fix() -> None:
+    db = catalog_mod.Catalog("postgresql://someone:secret@127.0.0.1:1/nowhere")
+    with pytest.raises(CatalogError) as err:
+        db.query("SELECT 1")
+    assert "MMPIPE_DATABASE_URL" in str(err.value)
+    assert "secret" not in str(err.value)  # credentials are redacted
+
+
+def test_upsert_updates_or_keeps(db) -> None:
+    catalog_mod.upgrade(db)
+    row = {"alias": "champion", "model_version": "a"}
+    db.upsert("model_aliases", [row], ["alias"])
+    db.upsert("model_aliases", [row | {"model_version": "b"}], ["alias"], update=False)
+    assert db.scalar("SELECT model_version FROM model_aliases") == "a"
+    db.upsert("model_aliases", [row | {"model_version": "c"}], ["alias"])
+    assert db.query("SELECT alias, model_version FROM model_aliases") == [{"alias": "champion", "model_version": "c"}]
+
+
+def _seed_model(db, version: str, f1: float, snapshot: str = "test-v1") -> None:
+    db.upsert("training_runs", [{"training_run_id": f"r.{version}", "airflow_run_id": "r", "candidate": version,
+              "backbone": "tinycnn", "candidate_json": "{}", "dataset_version": "d", "status": "succeeded"}],
+              ["training_run_id"])  # fmt: skip
+    db.upsert("models", [{"model_version": version, "training_run_id": f"r.{version}", "backbone": "tinycnn",
+              "checkpoint_uri": "s3://b/c", "card_uri": "s3://b/card"}], ["model_version"])  # fmt: skip
+    metrics = dict.fromkeys(("accuracy", "macro_precision", "macro_recall", "macro_specificity"), f1)
+    db.upsert("evaluations", [{"model_version": version, "test_snapshot": snapshot, "n_images": 10, **metrics,
+              "macro_f1": f1, "macro_auc": 0.9, "ece": 0.1, "per_class_json": "{}", "confusion_json": "[]"}],
+              ["model_version", "test_snapshot"])  # fmt: skip
+
+
+def test_promotion_gate_and_leaderboard(db) -> None:
+    catalog_mod.upgrade(db)
+    _seed_model(db, "m1", 0.70)
+    first = promote.promote_best(db, ["m1"], "test-v1", "run-1", min_gain=0.0)
+    assert first["decision"] == "promoted" and promote.champion(db) == "m1"
+    _seed_model(db, "m2", 0.69)
+    _seed_model(db, "m3", 0.695)
+    second = promote.promote_best(db, ["m2", "m3"], "test-v1", "run-2", min_gain=0.0)
+    assert second["decision"] == "kept_champion" and second["challenger"] == "m3"
+    assert promote.champion(db) == "m1"
+    _seed_model(db, "m4", 0.80)
+    third = promote.promote_best(db, ["m4"], "test-v1", "run-3", min_gain=0.05)
+    assert third["decision"] == "promoted" and promote.champion(db) == "m4"
+    # A retried task returns the recorded decision instead of deciding again.
+    assert promote.promote_best(db, ["m4"], "test-v1", "run-3", min_gain=0.05)["decision"] == "promoted"
+    board = {r["model_version"]: r for r in db.query("SELECT * FROM leaderboard")}
+    assert board["m4"]["is_champion"] == 1 and board["m1"]["is_champion"] == 0
+    assert board["m1"]["promoted"] == 1 and board["m2"]["promoted"] == 0
+
+
+def test_promotion_is_one_transaction(db, monkeypatch) -> None:
+    """If writing the alias fails, the promotion row is rolled back with it."""
+    catalog_mod.upgrade(db)
+    _seed_model(db, "m1", 0.7)
+    real = db.upsert
+
+    def failing(table, rows, keys, conn=None, update=True):
+        if table == "model_aliases":
+            raise RuntimeError("crash between the two writes")
+        return real(table, rows, keys, conn, update)
+
+    monkeypatch.setattr(db, "upsert", failing)
+    with pytest.raises(RuntimeError):
+        promote.promote_best(db, ["m1"], "test-v1", "run-1", min_gain=0.0)
+    assert db.scalar("SELECT count(*) FROM promotions") == 0
+    assert promote.champion(db) is None
