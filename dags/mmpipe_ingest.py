@@ -29,7 +29,9 @@ CURATED = Asset(name="mmpipe_curated_images", uri="mmpipe://curated-images")
     default_args={"retries": 2, "retry_delay": timedelta(minutes=2), "owner": "mmpipe"},
     params={
         "prefix": Param("training/", type="string", description="Store prefix to ingest from"),
-        "batch_size": Param(200, type="integer", minimum=1, maximum=5000, description="Objects per mapped task"),
+        "batch_size": Param(
+            200, type="integer", minimum=1, maximum=5000, description="Objects per mapped task"
+        ),
     },
 )
 def mmpipe_ingest():

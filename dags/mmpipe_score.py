@@ -19,7 +19,9 @@ CHAMPION = Asset(name="mmpipe_champion", uri="mmpipe://champion-model")
 
 @dag(
     dag_id="mmpipe_score",
-    schedule=AssetOrTimeSchedule(timetable=CronTriggerTimetable("30 * * * *", timezone="UTC"), assets=[CHAMPION]),
+    schedule=AssetOrTimeSchedule(
+        timetable=CronTriggerTimetable("30 * * * *", timezone="UTC"), assets=[CHAMPION]
+    ),
     start_date=datetime(2026, 1, 1),
     catchup=False,
     max_active_runs=1,
@@ -28,7 +30,9 @@ CHAMPION = Asset(name="mmpipe_champion", uri="mmpipe://champion-model")
     default_args={"retries": 2, "retry_delay": timedelta(minutes=2), "owner": "mmpipe"},
     params={
         "prefix": Param("incoming/", type="string", description="Store prefix to score"),
-        "batch_size": Param(100, type="integer", minimum=1, maximum=5000, description="Objects per mapped task"),
+        "batch_size": Param(
+            100, type="integer", minimum=1, maximum=5000, description="Objects per mapped task"
+        ),
     },
 )
 def mmpipe_score():

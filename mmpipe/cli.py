@@ -42,7 +42,9 @@ def cmd_init(args: argparse.Namespace) -> None:
         print(f"created pseudonymisation salt {salt_file} (keep it secret, back it up)")
     open_store(settings).ensure_bucket()
     applied = catalog.upgrade(catalog.open_catalog(settings))
-    print(f"store bucket {settings.s3_bucket!r} ready; catalog migrations applied: {applied or 'none (up to date)'}")
+    print(
+        f"store bucket {settings.s3_bucket!r} ready; catalog migrations applied: {applied or 'none (up to date)'}"
+    )
 
 
 def cmd_store_serve(args: argparse.Namespace) -> None:
@@ -155,7 +157,9 @@ def cmd_promote(args: argparse.Namespace) -> None:
 def cmd_score(args: argparse.Namespace) -> None:
     from mmpipe import pipeline
 
-    results = [pipeline.score_batch(args.run_id, uri) for uri in pipeline.score_list(args.run_id, args.prefix)]
+    results = [
+        pipeline.score_batch(args.run_id, uri) for uri in pipeline.score_list(args.run_id, args.prefix)
+    ]
     _print({"batches": len(results), "tagged": sum(r["tagged"] for r in results)})
 
 
@@ -207,7 +211,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     sub.add_parser("init", help="create salt, bucket and catalog schema").set_defaults(fn=cmd_init)
-    store = sub.add_parser("store", help="the embedded S3 endpoint").add_subparsers(dest="action", required=True)
+    store = sub.add_parser("store", help="the embedded S3 endpoint").add_subparsers(
+        dest="action", required=True
+    )
     serve = store.add_parser("serve", help="run SeaweedFS on 127.0.0.1 with data under MMPIPE_HOME/store")
     serve.add_argument("--port", type=int, default=None)
     serve.add_argument("--detach", action="store_true", help="start in the background and return")
@@ -269,9 +275,13 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--run-id", default=f"cli__{time.strftime('%Y%m%dT%H%M%S')}")
     sc.set_defaults(fn=cmd_score)
 
-    wt = sub.add_parser("weights", help="the pretrained-weights registry").add_subparsers(dest="action", required=True)
-    for action, text in (("import", "verify and register a local weights file"),
-                         ("export-reference", "write seeded random-init weights (to exercise the import path)")):  # fmt: skip
+    wt = sub.add_parser("weights", help="the pretrained-weights registry").add_subparsers(
+        dest="action", required=True
+    )
+    for action, text in (
+        ("import", "verify and register a local weights file"),
+        ("export-reference", "write seeded random-init weights (to exercise the import path)"),
+    ):
         p = wt.add_parser(action, help=text)
         p.add_argument("backbone")
         p.add_argument("file")

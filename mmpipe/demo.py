@@ -37,16 +37,29 @@ class Profile:
 PROFILES = {
     # ~2-4 minutes on 2 CPU cores.
     "demo": Profile(
-        600, 60, 64,
-        {"backbones": ["tinycnn", "resnet18", "mobilenetv2"], "epochs": 6, "image_size": 64, "batch_size": 32},
+        600,
+        60,
+        64,
+        {
+            "backbones": ["tinycnn", "resnet18", "mobilenetv2"],
+            "epochs": 6,
+            "image_size": 64,
+            "batch_size": 32,
+        },
     ),
     # The paper's setting, for a GPU machine: more data, full-size inputs, more backbones.
     "full": Profile(
-        6000, 600, 256,
-        {"backbones": ["resnet18", "vgg16", "googlenet", "mobilenetv2", "inceptionv3", "efficientnet_b0"],
-         "epochs": 30, "image_size": 224, "batch_size": 32},
+        6000,
+        600,
+        256,
+        {
+            "backbones": ["resnet18", "vgg16", "googlenet", "mobilenetv2", "inceptionv3", "efficientnet_b0"],
+            "epochs": 30,
+            "image_size": 224,
+            "batch_size": 32,
+        },
     ),
-}  # fmt: skip
+}
 
 
 def airflow_env(home: Path, base: dict[str, str]) -> dict[str, str]:
@@ -80,8 +93,11 @@ def _run(cmd: list[str], env: dict[str, str], log_file: Path, what: str) -> None
 def _dag_state(dag_id: str, env: dict[str, str]) -> str:
     out = subprocess.run(
         [sys.executable, "-m", "airflow", "dags", "list-runs", dag_id, "-o", "json"],
-        env=env, capture_output=True, text=True, check=False,
-    ).stdout  # fmt: skip
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    ).stdout
     start = out.find("[")
     runs = json.loads(out[start:]) if start >= 0 else []
     return runs[0]["state"] if runs else "missing"
@@ -107,14 +123,38 @@ def run_demo(profile: str = "demo") -> None:
     mmpipe = [sys.executable, "-m", "mmpipe"]
     started = time.monotonic()
     _run([*mmpipe, "init"], env, log_file, "init: salt, bucket, catalog schema")
-    _run([*mmpipe, "synth", "--images", str(spec.train_images), "--size", str(max(128, spec.canonical_size))],
-         env, log_file, f"synth: {spec.train_images} labelled images into training/")  # fmt: skip
-    _run([*mmpipe, "synth", "--images", str(spec.incoming_images), "--seed", "7", "--prefix", "incoming/",
-          "--archive-fraction", "0.5"], env, log_file, f"synth: {spec.incoming_images} unlabelled images into incoming/")  # fmt: skip
+    _run(
+        [*mmpipe, "synth", "--images", str(spec.train_images), "--size", str(max(128, spec.canonical_size))],
+        env,
+        log_file,
+        f"synth: {spec.train_images} labelled images into training/",
+    )
+    _run(
+        [
+            *mmpipe,
+            "synth",
+            "--images",
+            str(spec.incoming_images),
+            "--seed",
+            "7",
+            "--prefix",
+            "incoming/",
+            "--archive-fraction",
+            "0.5",
+        ],
+        env,
+        log_file,
+        f"synth: {spec.incoming_images} unlabelled images into incoming/",
+    )
     _run([sys.executable, "-m", "airflow", "db", "migrate"], env, log_file, "airflow: metadata database")
     airflow_test = [sys.executable, "-m", "airflow", "dags", "test"]
     _run([*airflow_test, "mmpipe_ingest"], env, log_file, "DAG mmpipe_ingest")
-    _run([*airflow_test, "mmpipe_retrain", "-c", json.dumps(spec.retrain_conf)], env, log_file, "DAG mmpipe_retrain")
+    _run(
+        [*airflow_test, "mmpipe_retrain", "-c", json.dumps(spec.retrain_conf)],
+        env,
+        log_file,
+        "DAG mmpipe_retrain",
+    )
     _run([*airflow_test, "mmpipe_score"], env, log_file, "DAG mmpipe_score")
     states = {d: _dag_state(d, env) for d in ("mmpipe_ingest", "mmpipe_retrain", "mmpipe_score")}
     show_results(env, states, time.monotonic() - started)
@@ -132,20 +172,25 @@ def show_results(env: dict[str, str], states: dict[str, str], seconds: float) ->
     catalog = catalog_mod.open_catalog(settings)
     store = open_store(settings)
     print(f"\nDAG runs: {', '.join(f'{d}={s}' for d, s in states.items())}  ({seconds:.0f}s in all)\n")
-    rows = catalog.query(
-        "SELECT * FROM leaderboard ORDER BY created_at DESC, macro_f1 DESC LIMIT 10"
-    )
+    rows = catalog.query("SELECT * FROM leaderboard ORDER BY created_at DESC, macro_f1 DESC LIMIT 10")
     print(format_leaderboard(rows))
-    decision = catalog.query("SELECT decision, challenger, reason FROM promotions ORDER BY created_at DESC LIMIT 1")
+    decision = catalog.query(
+        "SELECT decision, challenger, reason FROM promotions ORDER BY created_at DESC LIMIT 1"
+    )
     if decision:
         print(f"\npromotion: {decision[0]['decision']} {decision[0]['challenger']} ({decision[0]['reason']})")
     print("\nsample of tags written back to incoming/ objects:")
     for obj in list(store.list("incoming/"))[:8]:
         tags = store.get_tags(obj.key)
-        print(f"  {obj.key:<48} " + " ".join(f"{k.removeprefix('mmpipe-')}={v}" for k, v in sorted(tags.items())))
+        print(
+            f"  {obj.key:<48} "
+            + " ".join(f"{k.removeprefix('mmpipe-')}={v}" for k, v in sorted(tags.items()))
+        )
     counts = catalog.query(
         "SELECT (SELECT count(*) FROM images WHERE status = 'active') AS images, "
         "(SELECT count(*) FROM quarantine) AS quarantined, (SELECT count(*) FROM predictions) AS predictions"
     )[0]
-    print(f"\ncatalog: {counts['images']} curated images, {counts['quarantined']} quarantined, "
-          f"{counts['predictions']} predictions; database {settings.db_url.split('@')[-1]}")  # fmt: skip
+    print(
+        f"\ncatalog: {counts['images']} curated images, {counts['quarantined']} quarantined, "
+        f"{counts['predictions']} predictions; database {settings.db_url.split('@')[-1]}"
+    )

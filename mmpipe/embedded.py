@@ -81,10 +81,20 @@ def start(data_dir: Path, s3_port: int | None = None, timeout: float = 60.0) -> 
     s3_port = s3_port or free_ports(1)[0]
     master, filer, volume = free_ports(3, start=s3_port + 1)
     cmd = [
-        str(weed_binary()), "mini", f"-dir={data_dir}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
-        f"-s3.port={s3_port}", f"-master.port={master}", f"-filer.port={filer}", f"-volume.port={volume}",
-        "-s3.port.iceberg=0", "-s3.port.lance=0", "-admin.ui=false", "-webdav=false",
-    ]  # fmt: skip
+        str(weed_binary()),
+        "mini",
+        f"-dir={data_dir}",
+        "-ip=127.0.0.1",
+        "-ip.bind=127.0.0.1",
+        f"-s3.port={s3_port}",
+        f"-master.port={master}",
+        f"-filer.port={filer}",
+        f"-volume.port={volume}",
+        "-s3.port.iceberg=0",
+        "-s3.port.lance=0",
+        "-admin.ui=false",
+        "-webdav=false",
+    ]
     log = (data_dir / "weed.log").open("ab")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     store = EmbeddedStore(data_dir, s3_port, proc.pid)

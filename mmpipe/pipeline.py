@@ -6,7 +6,6 @@ pods), does one idempotent step, and returns small JSON-able values (URIs, count
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import asdict
 from typing import Any
@@ -40,7 +39,10 @@ def ingest_list(run_id: str, prefix: str = ingest.TRAINING_PREFIX, batch_size: i
     ingest.start_run(catalog, run_id, prefix)
     slug = ingest.run_slug(run_id)
     uris = [
-        store.put_json(f"reports/ingest/{slug}/batches/{n:05d}.json", {"prefix": prefix, "objects": [asdict(o) for o in b]})
+        store.put_json(
+            f"reports/ingest/{slug}/batches/{n:05d}.json",
+            {"prefix": prefix, "objects": [asdict(o) for o in b]},
+        )
         for n, b in enumerate(ingest.batches(new, batch_size))
     ]
     return {"listed": listed, "new_objects": len(new), "batch_uris": uris}
@@ -59,6 +61,7 @@ def ingest_finish(run_id: str, listing: dict[str, Any], results: Sequence[dict[s
 
 
 # --- validate and dataset: see mmpipe.dataset -------------------------------------------------
+
 
 def validate_ingest(run_id: str) -> dict[str, Any]:
     return dataset.validate_ingest(*connect(), run_id)
@@ -124,7 +127,11 @@ def score_list(run_id: str, prefix: str = score.INCOMING_PREFIX, batch_size: int
     return [
         store.put_json(
             f"results/score/{slug}/batches/{n:05d}.json",
-            {"model_version": version, "card_uri": card_uri, "objects": [asdict(o) for o in todo[i : i + batch_size]]},
+            {
+                "model_version": version,
+                "card_uri": card_uri,
+                "objects": [asdict(o) for o in todo[i : i + batch_size]],
+            },
         )
         for n, i in enumerate(range(0, len(todo), batch_size))
     ]
@@ -134,4 +141,6 @@ def score_batch(run_id: str, batch_uri: str) -> dict[str, Any]:
     settings, store, catalog = connect()
     batch = store.get_json(store.key_of(batch_uri))
     objects = [ObjectInfo(**o) for o in batch["objects"]]
-    return score.score_objects(settings, store, catalog, objects, batch["model_version"], batch["card_uri"], run_id)
+    return score.score_objects(
+        settings, store, catalog, objects, batch["model_version"], batch["card_uri"], run_id
+    )

@@ -44,7 +44,9 @@ def list_unscored(store: Store, catalog: Catalog, prefix: str, model_version: st
     done = {
         (r["source_key"], r["source_etag"])
         for table in ("predictions", "score_failures")
-        for r in catalog.query(f"SELECT DISTINCT source_key, source_etag FROM {table} WHERE model_version = :m", m=model_version)
+        for r in catalog.query(
+            f"SELECT DISTINCT source_key, source_etag FROM {table} WHERE model_version = :m", m=model_version
+        )
     }
     return [o for o in store.list(prefix) if (o.key, o.etag) not in done]
 
@@ -52,7 +54,11 @@ def list_unscored(store: Store, catalog: Catalog, prefix: str, model_version: st
 def decode_members(data: bytes, name: str, size: int, limits: Limits) -> tuple[list, list]:
     """All images in an object (archives expanded one level deep): ([(path, pixels)], [(path, reason, detail)])."""
     images, failures = [], []
-    members = [(m, b) for m, b in iter_members(data, name, limits)] if sniff(data, name) in ARCHIVE_KINDS else [("", data)]
+    members = (
+        [(m, b) for m, b in iter_members(data, name, limits)]
+        if sniff(data, name) in ARCHIVE_KINDS
+        else [("", data)]
+    )
     for path, body in members:
         try:
             images.append((path, decode_image(body, path or name, size, limits).pixels))
@@ -87,9 +93,14 @@ def _fetch(store: Store, settings: Settings, card: modelcard.ModelCard, obj: Obj
 
 
 def score_objects(
-    settings: Settings, store: Store, catalog: Catalog, objects: Sequence[ObjectInfo], model_version: str,
-    card_uri: str, run_id: str,
-) -> dict[str, Any]:  # fmt: skip
+    settings: Settings,
+    store: Store,
+    catalog: Catalog,
+    objects: Sequence[ObjectInfo],
+    model_version: str,
+    card_uri: str,
+    run_id: str,
+) -> dict[str, Any]:
     """Decode a batch of objects, predict all their images in one pass, write tags and rows."""
     model, card = modelcard.load(store, card_uri, modelcard.resolve_device(settings.device))
     with ThreadPoolExecutor(settings.ingest_workers) as pool:
@@ -98,7 +109,12 @@ def score_objects(
     probs = modelcard.predict(model, card, np.stack(stacked)) if stacked else np.zeros((0, len(card.classes)))
     predictions, failures, tagged, cursor = [], [], {}, 0
     for obj, images, failed in fetched:
-        base = {"source_key": obj.key, "source_etag": obj.etag, "model_version": model_version, "run_id": run_id}
+        base = {
+            "source_key": obj.key,
+            "source_etag": obj.etag,
+            "model_version": model_version,
+            "run_id": run_id,
+        }
         failures += [base | {"member_path": p, "reason": r, "detail": d} for p, r, d in failed]
         if not images:
             continue
@@ -112,7 +128,9 @@ def score_objects(
                     "member_path": path,
                     "predicted": card.classes[top],
                     "confidence": float(p[top]),
-                    "probs_json": "{" + ", ".join(f'"{c}": {v:.5f}' for c, v in zip(card.classes, p, strict=True)) + "}",
+                    "probs_json": "{"
+                    + ", ".join(f'"{c}": {v:.5f}' for c, v in zip(card.classes, p, strict=True))
+                    + "}",
                     "needs_review": bool(p[top] < settings.low_confidence),
                 }
             )
@@ -123,7 +141,17 @@ def score_objects(
         catalog.upsert("predictions", predictions, MEMBER_KEY, conn)
         catalog.upsert("score_failures", failures, MEMBER_KEY, conn)
     review = sum(1 for t in tagged.values() if t[f"{TAG_PREFIX}review"] == "yes")
-    log.info("scored %d objects (%d images), %d flagged for review, %d unusable members",
-             len(tagged), len(predictions), review, len(failures))  # fmt: skip
-    return {"objects": len(objects), "tagged": len(tagged), "images": len(predictions), "review": review,
-            "failures": len(failures)}  # fmt: skip
+    log.info(
+        "scored %d objects (%d images), %d flagged for review, %d unusable members",
+        len(tagged),
+        len(predictions),
+        review,
+        len(failures),
+    )
+    return {
+        "objects": len(objects),
+        "tagged": len(tagged),
+        "images": len(predictions),
+        "review": review,
+        "failures": len(failures),
+    }

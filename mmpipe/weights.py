@@ -28,7 +28,12 @@ def import_weights(store: Store, backbone: str, path: Path) -> dict[str, str]:
     key = f"weights/{backbone}/{fingerprint}.safetensors"
     if store.head(key) is None:
         store.put(key, save_safetensors({k: v.contiguous() for k, v in state.items()}))
-    record = {"backbone": backbone, "fingerprint": fingerprint, "uri": store.uri(key), "source_file": path.name}
+    record = {
+        "backbone": backbone,
+        "fingerprint": fingerprint,
+        "uri": store.uri(key),
+        "source_file": path.name,
+    }
     store.put_json(f"weights/{backbone}/current.json", record)
     return record
 

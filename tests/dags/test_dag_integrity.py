@@ -53,6 +53,8 @@ def test_parse_touches_no_network_or_database(monkeypatch: pytest.MonkeyPatch, t
 
 def test_retrain_params_are_typed_for_the_ui(dagbag: DagBag) -> None:
     params = dagbag.dags["mmpipe_retrain"].params
-    assert {"backbones", "epochs", "freeze_ratio", "init", "channel_mode", "freeze_test"} <= set(params.keys())
+    assert {"backbones", "epochs", "freeze_ratio", "init", "channel_mode", "freeze_test"} <= set(
+        params.keys()
+    )
     schema = params.get_param("init").schema
     assert schema.get("enum") == ["random", "pretrained"]

@@ -39,7 +39,9 @@ def test_ingest_retrain_score_through_airflow(airflow_db, ready, pg_url, monkeyp
     settings, store, catalog = ready(database_url=pg_url, image_size=48)
     export_env(monkeypatch, settings)
     _upload(store, "training/", generate(260, size=64, seed=1))
-    incoming = _upload(store, "incoming/", generate(24, size=64, seed=2, archive_fraction=0.5), strip_label=True)
+    incoming = _upload(
+        store, "incoming/", generate(24, size=64, seed=2, archive_fraction=0.5), strip_label=True
+    )
     dags = DagBag(dag_folder=str(DAGS)).dags
 
     run = dags["mmpipe_ingest"].test()

@@ -12,10 +12,25 @@ from mmpipe.errors import CatalogError
 pytestmark = pytest.mark.integration
 
 TABLES = {
-    "ingest_runs", "source_objects", "images", "duplicates", "quarantine", "validations", "patient_splits",
-    "test_snapshots", "test_snapshot_members", "dataset_versions", "training_runs", "epoch_metrics", "models",
-    "evaluations", "model_aliases", "promotions", "predictions", "score_failures",
-}  # fmt: skip
+    "ingest_runs",
+    "source_objects",
+    "images",
+    "duplicates",
+    "quarantine",
+    "validations",
+    "patient_splits",
+    "test_snapshots",
+    "test_snapshot_members",
+    "dataset_versions",
+    "training_runs",
+    "epoch_metrics",
+    "models",
+    "evaluations",
+    "model_aliases",
+    "promotions",
+    "predictions",
+    "score_failures",
+}
 
 
 @pytest.fixture(params=["postgres", "sqlite"])
@@ -55,19 +70,58 @@ def test_upsert_updates_or_keeps(db) -> None:
     db.upsert("model_aliases", [row | {"model_version": "b"}], ["alias"], update=False)
     assert db.scalar("SELECT model_version FROM model_aliases") == "a"
     db.upsert("model_aliases", [row | {"model_version": "c"}], ["alias"])
-    assert db.query("SELECT alias, model_version FROM model_aliases") == [{"alias": "champion", "model_version": "c"}]
+    assert db.query("SELECT alias, model_version FROM model_aliases") == [
+        {"alias": "champion", "model_version": "c"}
+    ]
 
 
 def _seed_model(db, version: str, f1: float, snapshot: str = "test-v1") -> None:
-    db.upsert("training_runs", [{"training_run_id": f"r.{version}", "airflow_run_id": "r", "candidate": version,
-              "backbone": "tinycnn", "candidate_json": "{}", "dataset_version": "d", "status": "succeeded"}],
-              ["training_run_id"])  # fmt: skip
-    db.upsert("models", [{"model_version": version, "training_run_id": f"r.{version}", "backbone": "tinycnn",
-              "checkpoint_uri": "s3://b/c", "card_uri": "s3://b/card"}], ["model_version"])  # fmt: skip
+    db.upsert(
+        "training_runs",
+        [
+            {
+                "training_run_id": f"r.{version}",
+                "airflow_run_id": "r",
+                "candidate": version,
+                "backbone": "tinycnn",
+                "candidate_json": "{}",
+                "dataset_version": "d",
+                "status": "succeeded",
+            }
+        ],
+        ["training_run_id"],
+    )
+    db.upsert(
+        "models",
+        [
+            {
+                "model_version": version,
+                "training_run_id": f"r.{version}",
+                "backbone": "tinycnn",
+                "checkpoint_uri": "s3://b/c",
+                "card_uri": "s3://b/card",
+            }
+        ],
+        ["model_version"],
+    )
     metrics = dict.fromkeys(("accuracy", "macro_precision", "macro_recall", "macro_specificity"), f1)
-    db.upsert("evaluations", [{"model_version": version, "test_snapshot": snapshot, "n_images": 10, **metrics,
-              "macro_f1": f1, "macro_auc": 0.9, "ece": 0.1, "per_class_json": "{}", "confusion_json": "[]"}],
-              ["model_version", "test_snapshot"])  # fmt: skip
+    db.upsert(
+        "evaluations",
+        [
+            {
+                "model_version": version,
+                "test_snapshot": snapshot,
+                "n_images": 10,
+                **metrics,
+                "macro_f1": f1,
+                "macro_auc": 0.9,
+                "ece": 0.1,
+                "per_class_json": "{}",
+                "confusion_json": "[]",
+            }
+        ],
+        ["model_version", "test_snapshot"],
+    )
 
 
 def test_promotion_gate_and_leaderboard(db) -> None:

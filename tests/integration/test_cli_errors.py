@@ -14,7 +14,9 @@ pytestmark = pytest.mark.integration
 
 
 def mmpipe(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "mmpipe", *args], env=env, capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "mmpipe", *args], env=env, capture_output=True, text=True, timeout=120
+    )
 
 
 def assert_one_line_error(result: subprocess.CompletedProcess, *needles: str) -> None:
@@ -53,8 +55,16 @@ def test_unreachable_database(env) -> None:
 
 
 def test_unknown_backbone(env) -> None:
-    result = mmpipe("train", "--plan", "s3://b/plans/x.json", "--candidate", '{"name": "x", "backbone": "alexnet9"}',
-                    "--run-id", "r", env=env)  # fmt: skip
+    result = mmpipe(
+        "train",
+        "--plan",
+        "s3://b/plans/x.json",
+        "--candidate",
+        '{"name": "x", "backbone": "alexnet9"}',
+        "--run-id",
+        "r",
+        env=env,
+    )
     assert_one_line_error(result, "unknown backbone 'alexnet9'", "resnet18")
 
 
@@ -66,5 +76,7 @@ def test_invalid_setting(env) -> None:
 def test_missing_salt(env) -> None:
     del env["MMPIPE_PSEUDONYM_SALT"]
     env["MMPIPE_HOME"] = env["MMPIPE_HOME"] + "-nosalt"
-    subprocess.run([sys.executable, "-m", "mmpipe", "synth", "--images", "4"], env=env, check=True, capture_output=True)
+    subprocess.run(
+        [sys.executable, "-m", "mmpipe", "synth", "--images", "4"], env=env, check=True, capture_output=True
+    )
     assert_one_line_error(mmpipe("ingest", env=env), "MMPIPE_PSEUDONYM_SALT", "mmpipe init")
