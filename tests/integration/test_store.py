@@ -1,0 +1,61 @@
+"""The embedded SeaweedFS endpoint through mmpipe.store: persistence, tags, ETags, listing."""
+
+from __future__ import annotations
+
+import pytest
+
+from mmpipe import embedded
+from mmpipe.config import get_settings
+from mmpipe.errors import StoreError
+from mmpipe.store import open_store, split_uri
+
+pytestmark = pytest.mark.integration
+
+
+def test_data_survives_a_restart(tmp_path) -> None:
+    server = embedded.start(tmp_path / "store")
+    settings = get_settings(
+        s3_endpoint_url=server.endpoint, s3_bucket="persist", s3_access_key_id="a", s3_secret_access_key="b"
+    )
+    store = open_store(settings)
+    store.ensure_bucket()
+    store.put("training/x.dcm", b"DICM-bytes")
+    etag = store.head("training/x.dcm").etag
+    embedded.stop(server)
+    assert embedded.running(tmp_path / "store") is None
+
+    again = embedded.start(tmp_path / "store", server.s3_port)
+    try:
+        assert store.get("training/x.dcm") == b"DICM-bytes"
+        assert store.head("training/x.dcm").etag == etag
+    finally:
+        embedded.stop(again)
+
+
+def test_tags_merge_and_never_touch_bytes(ready) -> None:
+    _, store, _ = ready()
+    store.put("incoming/a.zip", b"original")
+    before = store.head("incoming/a.zip")
+    store.put_tags("incoming/a.zip", {"hospital-tag": "keep"})
+    store.put_tags("incoming/a.zip", {"mmpipe-modality": "lung_ct"})
+    assert store.get_tags("incoming/a.zip") == {"hospital-tag": "keep", "mmpipe-modality": "lung_ct"}
+    assert store.get("incoming/a.zip") == b"original"
+    assert store.head("incoming/a.zip").etag == before.etag
+
+
+def test_listing_pages_and_prefixes(ready) -> None:
+    _, store, _ = ready()
+    for i in range(1005):  # more than one 1,000-key page
+        store.put(f"training/brain_mri/{i:05d}.dcm", b"x")
+    store.put("incoming/other.dcm", b"y")
+    assert len(list(store.list("training/"))) == 1005
+    assert [o.key for o in store.list("incoming/")] == ["incoming/other.dcm"]
+
+
+def test_uri_helpers(ready) -> None:
+    _, store, _ = ready()
+    assert split_uri(store.uri("models/a/card.json")) == (store.bucket, "models/a/card.json")
+    with pytest.raises(StoreError):
+        store.key_of("s3://another-bucket/key")
+    with pytest.raises(StoreError):
+        split_uri("/local/path")
