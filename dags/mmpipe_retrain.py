@@ -2,28 +2,42 @@
 ### mmpipe_retrain — nightly: rebalance, train one candidate per backbone, evaluate, promote
 
 1. `prepare_dataset`: patient-level splits, the frozen test snapshot (set `freeze_test` to freeze a
-   new one), dataset-level Great Expectations checks, and a versioned, balanced training plan.
-2. `train`: one mapped task per backbone, each running `mmpipe train` — a local process, or a GPU
+   new one), dataset-level Great Expectations checks (Data Docs under `reports/validation/`), and a
+   versioned, balanced training plan under `plans/` (split ratios, augmentation policies, per-class
+   targets, CLAHE and the default channel mode come from `MMPIPE_*` settings).
+2. `evaluate_champion`: when the champion has not been measured on the snapshot yet (a new one was
+   just frozen), evaluate it there and record why; skipped otherwise.
+3. `train`: one mapped task per backbone, each running `mmpipe train` — a local process, or a GPU
    pod via KubernetesPodOperator when `MMPIPE_TRAINING_BACKEND=kubernetes`.
-3. `evaluate`: every candidate on the frozen test snapshot; metrics and plots to the catalog/store.
-4. `promote`: the best candidate becomes champion only if it beats the current one on the same
+4. `evaluate`: every candidate on the frozen test snapshot; metrics and plots to the catalog/store.
+5. `promote`: the best candidate becomes champion only if it beats the current one on the same
    snapshot; a promotion emits the `mmpipe_champion` asset event (which triggers scoring).
 
-Trigger with Params for backfills and experiments (backbones, epochs, freeze ratio, init, channel mode).
+Trigger with Params for backfills and experiments (backbones, epochs, freeze ratio, init, channel
+mode, balance target, weighted/focal loss, a new test snapshot).
 """
 
 from __future__ import annotations
 
 from datetime import datetime, timedelta
 
-from airflow.exceptions import AirflowSkipException
 from airflow.sdk import Asset, Param, dag, task
+from airflow.sdk.exceptions import AirflowSkipException
 from mmpipe_airflow.training import TrainCandidateOperator
 
 from mmpipe.config import get_settings
 
 CHAMPION = Asset(name="mmpipe_champion", uri="mmpipe://champion-model")
-BACKBONES = ["resnet18", "vgg16", "googlenet", "mobilenetv2", "inceptionv3", "efficientnet_b0", "densenet121", "tinycnn"]
+BACKBONES = [
+    "resnet18",
+    "vgg16",
+    "googlenet",
+    "mobilenetv2",
+    "inceptionv3",
+    "efficientnet_b0",
+    "densenet121",
+    "tinycnn",
+]
 settings = get_settings()  # typed env only: no DB or network at parse time
 
 
@@ -44,9 +58,13 @@ settings = get_settings()  # typed env only: no DB or network at parse time
         "batch_size": Param(32, type="integer", minimum=1, maximum=512),
         "freeze_ratio": Param(0.5, type="number", minimum=0, maximum=1, description="Share of early layers frozen"),
         "init": Param("random", enum=["random", "pretrained"], description="pretrained = weights registry"),
-        "channel_mode": Param("replicate", enum=["replicate", "viridis", "inferno"]),
-        "seed": Param(0, type="integer", minimum=0),
-        "balance_target": Param("median", type="string", description="'median', 'max' or an integer count"),
+        "channel_mode": Param(None, type=["null", "string"], enum=[None, "replicate", "viridis", "inferno"],
+                              description="Grayscale to 3 channels; null = the plan's (MMPIPE_CHANNEL_MODE)"),
+        "weighted_loss": Param(False, type="boolean", description="Weight the loss by the plan's class weights"),
+        "focal_gamma": Param(0.0, type="number", minimum=0, maximum=10, description="> 0: focal loss"),
+        "seed": Param(0, type="integer", minimum=0, description="Plan seed (sampling, augmentation) and init"),
+        "balance_target": Param(None, type=["null", "string"],
+                                description="'median', 'max', 'min', 'none' or a count; null = MMPIPE_BALANCE_TARGET"),
         "freeze_test": Param(None, type=["null", "string"], description="Name of a NEW test snapshot to freeze"),
     },
 )  # fmt: skip
@@ -55,18 +73,34 @@ def mmpipe_retrain():
     def prepare_dataset(params=None, run_id=None) -> dict:
         from mmpipe import pipeline
 
-        target = params["balance_target"]
         return pipeline.prepare_dataset(
-            run_id, freeze_test=params["freeze_test"], seed=params["seed"],
-            target=int(target) if str(target).isdigit() else target,
-        )  # fmt: skip
+            run_id, freeze_test=params["freeze_test"], seed=params["seed"], target=params["balance_target"]
+        )
+
+    @task
+    def evaluate_champion(prepared: dict, run_id=None) -> dict:
+        from mmpipe import evaluate, pipeline
+
+        snapshot = prepared["test_snapshot"]
+        frozen = prepared["frozen_now"]
+        why = (
+            f"snapshot {snapshot} frozen by {run_id}"
+            if frozen
+            else f"champion not yet measured on {snapshot}"
+        )
+        result = evaluate.evaluate_champion(*pipeline.connect(), snapshot, reason=why)
+        if result is None or not result["evaluated_now"]:
+            raise AirflowSkipException(
+                "no champion yet" if result is None else "champion already measured here"
+            )
+        return result
 
     @task
     def candidates(prepared: dict, params=None) -> list[dict]:
         from mmpipe import pipeline
 
         options = {k: params[k] for k in ("epochs", "image_size", "batch_size", "freeze_ratio", "init",
-                                           "channel_mode", "seed")}  # fmt: skip
+                                           "channel_mode", "weighted_loss", "focal_gamma", "seed")}  # fmt: skip
         return [{"plan_uri": prepared["plan_uri"], "candidate": c}
                 for c in pipeline.candidates(params["backbones"], **options)]  # fmt: skip
 
@@ -76,11 +110,13 @@ def mmpipe_retrain():
 
         return pipeline.evaluate_model(trained["model_version"], prepared["test_snapshot"])
 
-    @task(outlets=[CHAMPION])
+    @task(outlets=[CHAMPION], trigger_rule="none_failed")
     def promote(evaluations: list, prepared: dict, run_id=None) -> dict:
         from mmpipe import pipeline
 
-        decision = pipeline.promote_best([e["model_version"] for e in evaluations], prepared["test_snapshot"], run_id)
+        decision = pipeline.promote_best(
+            [e["model_version"] for e in evaluations], prepared["test_snapshot"], run_id
+        )
         if decision["decision"] != "promoted":
             raise AirflowSkipException(decision["reason"])  # no champion asset event
         return decision
@@ -96,7 +132,7 @@ def mmpipe_retrain():
         max_active_tis_per_dagrun=1 if settings.training_backend == "local" else 8,
     ).expand_kwargs(candidates(prepared))
     evaluations = evaluate.partial(prepared=prepared).expand(trained=trained.output)
-    promote(evaluations, prepared)
+    evaluate_champion(prepared) >> promote(evaluations, prepared)
 
 
 mmpipe_retrain()

@@ -112,7 +112,8 @@ def cmd_ingest(args: argparse.Namespace) -> None:
 
     listing = pipeline.ingest_list(args.run_id, args.prefix, args.batch_size)
     results = [pipeline.ingest_batch(args.run_id, uri) for uri in listing["batch_uris"]]
-    _print(pipeline.ingest_finish(args.run_id, listing, results))
+    report = pipeline.ingest_finish(args.run_id, listing, results)
+    _print(report | {"validation": pipeline.validate_ingest(args.run_id)})
 
 
 def cmd_validate(args: argparse.Namespace) -> None:
@@ -122,12 +123,10 @@ def cmd_validate(args: argparse.Namespace) -> None:
 
 
 def cmd_dataset(args: argparse.Namespace) -> None:
-    from mmpipe import pipeline, splits
+    from mmpipe import dataset, pipeline
 
     if args.action == "freeze-test":
-        _, store, catalog = pipeline.connect()
-        splits.record_splits(catalog)
-        _print(splits.freeze_test(catalog, store, args.name, reason=args.reason))
+        _print(dataset.freeze_test(*pipeline.connect(), args.name, reason=args.reason))
     else:
         _print(pipeline.prepare_dataset(args.run_id, seed=args.seed, target=args.target))
 
@@ -203,6 +202,14 @@ def cmd_demo(args: argparse.Namespace) -> None:
     from mmpipe.demo import run_demo
 
     run_demo(profile=args.profile)
+
+
+def cmd_dataset_lineage(args: argparse.Namespace) -> None:
+    """Plan -> validations -> ingest runs -> source objects of one dataset version."""
+    from mmpipe import dataset, pipeline
+
+    _, store, catalog = pipeline.connect()
+    _print(dataset.lineage(store, catalog, args.version))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -290,6 +297,10 @@ def build_parser() -> argparse.ArgumentParser:
     lb = sub.add_parser("leaderboard", help="evaluations, newest first")
     lb.add_argument("--limit", type=int, default=20)
     lb.set_defaults(fn=cmd_leaderboard)
+
+    lineage = ds_sub.add_parser("lineage", help="validations, ingest runs and source objects behind a plan")
+    lineage.add_argument("version", help="dataset version (the plan's hash)")
+    lineage.set_defaults(fn=cmd_dataset_lineage)
 
     bench = sub.add_parser("bench", help="benchmarks that print their figures (not timed tests)")
     bench.add_argument("what", choices=("ingest",))

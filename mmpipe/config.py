@@ -48,6 +48,46 @@ class Settings(BaseSettings):
     k8s_trainer_image: str = "mmpipe-trainer:latest"
     k8s_gpu_count: int = 1
     k8s_service_account: str = "mmpipe-trainer"
+    # Training-ready datasets: splits, balancing, augmentation and preprocessing recorded in every plan.
+    split_train: float = Field(
+        0.70, ge=0, le=1, description="Share of newly seen patients assigned to train."
+    )
+    split_val: float = Field(0.15, ge=0, le=1, description="Share of newly seen patients assigned to val.")
+    split_test: float = Field(0.15, ge=0, le=1, description="Share of newly seen patients assigned to test.")
+    balance_target: str = Field(
+        "median", description="Per-class training count: 'median', 'max', 'min', 'none' or an integer."
+    )
+    balance_class_targets: dict[str, int] = Field(
+        default_factory=dict, description='Per-class count overrides, e.g. {"retinal_oct": 400}.'
+    )
+    augment_policies: dict[str, tuple[str, ...]] = Field(
+        default_factory=dict,
+        description='Per-class augmentation ops replacing the paper\'s defaults, e.g. {"chest_xray": ["hflip", "rotate:10"]}.',
+    )
+    clahe_clip_limit: float | None = Field(
+        None, gt=0, description="CLAHE on every image at training and scoring time (off when unset)."
+    )
+    clahe_tiles: int = Field(8, ge=1, le=64, description="CLAHE tile grid side.")
+    channel_mode: Literal["replicate", "viridis", "inferno"] = Field(
+        "replicate", description="Grayscale to 3 channels in new plans (a candidate may override it)."
+    )
+    min_train_per_class: int = Field(5, ge=1, description="Dataset gate: fewest training images per class.")
+    # Ingest labels (see mmpipe.labels): manifests beside the data, then training/<class>/, then header rules.
+    label_manifest_names: tuple[str, ...] = Field(
+        ("labels.csv", "labels.json"), description="File names that are label manifests, not data."
+    )
+    label_rules: list[dict[str, str]] = Field(
+        default_factory=list,
+        description='DICOM header rules, first match wins, e.g. [{"modality": "CT", "body_part": "CHEST", '
+        '"label": "lung_ct"}]; fields modality, body_part ("|" separates alternatives), study_description (regex).',
+    )
+    ingest_processes: int = Field(
+        0,
+        ge=0,
+        le=64,
+        description="Processes fetching and decoding per ingest task (fork, Linux): 0 = CPU count + 1; "
+        "1 = decode in the task's own threads (ingest_workers), as where fork is unavailable.",
+    )
 
     @property
     def db_url(self) -> str:

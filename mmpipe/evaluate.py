@@ -8,6 +8,7 @@ reliability diagram. Every evaluation names the snapshot it used.
 from __future__ import annotations
 
 import io
+import itertools
 import json
 from collections.abc import Sequence
 from typing import Any
@@ -26,13 +27,15 @@ from mmpipe.train import load_pixels
 ECE_BINS = 10
 
 
-def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, bins: int = ECE_BINS) -> tuple[float, list]:
+def expected_calibration_error(
+    probs: np.ndarray, labels: np.ndarray, bins: int = ECE_BINS
+) -> tuple[float, list]:
     """Top-label ECE with equal-width confidence bins; also the per-bin (confidence, accuracy, count)."""
     confidence = probs.max(1)
     correct = probs.argmax(1) == labels
     edges = np.linspace(0, 1, bins + 1)
     ece, table = 0.0, []
-    for lo, hi in zip(edges[:-1], edges[1:], strict=True):
+    for lo, hi in itertools.pairwise(edges):
         mask = (confidence > lo) & (confidence <= hi)
         if mask.any():
             conf, acc = float(confidence[mask].mean()), float(correct[mask].mean())
@@ -46,7 +49,9 @@ def compute_metrics(labels: np.ndarray, probs: np.ndarray, classes: Sequence[str
     k = len(classes)
     pred = probs.argmax(1)
     idx = list(range(k))
-    precision, recall, f1, support = precision_recall_fscore_support(labels, pred, labels=idx, zero_division=0)
+    precision, recall, f1, support = precision_recall_fscore_support(
+        labels, pred, labels=idx, zero_division=0
+    )
     cm = confusion_matrix(labels, pred, labels=idx)
     total = cm.sum()
     specificity = []
@@ -57,7 +62,9 @@ def compute_metrics(labels: np.ndarray, probs: np.ndarray, classes: Sequence[str
     aucs: list[float | None] = []
     for c in idx:
         positives = labels == c
-        aucs.append(float(roc_auc_score(positives, probs[:, c])) if 0 < positives.sum() < len(labels) else None)
+        aucs.append(
+            float(roc_auc_score(positives, probs[:, c])) if 0 < positives.sum() < len(labels) else None
+        )
     valid_auc = [a for a in aucs if a is not None]
     ece, reliability = expected_calibration_error(probs, labels)
     per_class = {
@@ -119,7 +126,9 @@ def render_plots(metrics: dict[str, Any], classes: Sequence[str], title: str) ->
     return buffer.getvalue()
 
 
-def evaluate_model(settings: Settings, store: Store, catalog: Catalog, model_version: str, snapshot: str) -> dict:
+def evaluate_model(
+    settings: Settings, store: Store, catalog: Catalog, model_version: str, snapshot: str
+) -> dict:
     """Evaluate ``model_version`` on frozen ``snapshot``; UPSERT its row and publish plots."""
     found = catalog.query("SELECT card_uri FROM models WHERE model_version = :m", m=model_version)
     if not found:
@@ -131,7 +140,11 @@ def evaluate_model(settings: Settings, store: Store, catalog: Catalog, model_ver
     labels = np.array([card.classes.index(m["label"]) for m in members])
     metrics = compute_metrics(labels, modelcard.predict(model, card, images), card.classes)
     prefix = f"reports/evaluations/{model_version}/{snapshot}"
-    plot_uri = store.put(f"{prefix}/plots.png", render_plots(metrics, card.classes, f"{model_version} on {snapshot}"), "image/png")
+    plot_uri = store.put(
+        f"{prefix}/plots.png",
+        render_plots(metrics, card.classes, f"{model_version} on {snapshot}"),
+        "image/png",
+    )
     report_uri = store.put_json(f"{prefix}/metrics.json", metrics | {"plots": plot_uri, "snapshot": snapshot})
     row = {
         "model_version": model_version,
@@ -144,3 +157,40 @@ def evaluate_model(settings: Settings, store: Store, catalog: Catalog, model_ver
     }
     catalog.upsert("evaluations", [row], ["model_version", "test_snapshot"])
     return {k: v for k, v in row.items() if not k.endswith("_json")}
+
+
+def evaluate_champion(
+    settings: Settings, store: Store, catalog: Catalog, snapshot: str, reason: str
+) -> dict[str, Any] | None:
+    """Measure today's champion on ``snapshot`` once, recording why; None when there is no champion.
+
+    Freezing a new test snapshot calls this, so the champion/challenger comparison on the new snapshot
+    is an explicit, recorded step rather than a side effect of promotion. Idempotent per (snapshot, champion).
+    """
+    from mmpipe.promote import champion
+
+    current = champion(catalog)
+    if current is None:
+        return None
+    done = catalog.query(
+        "SELECT * FROM champion_evaluations WHERE test_snapshot = :s AND model_version = :m",
+        s=snapshot,
+        m=current,
+    )
+    if done:
+        return done[0] | {"evaluated_now": False}
+    existing = catalog.query(
+        "SELECT macro_f1, accuracy FROM evaluations WHERE model_version = :m AND test_snapshot = :s",
+        m=current,
+        s=snapshot,
+    )
+    scores = existing[0] if existing else evaluate_model(settings, store, catalog, current, snapshot)
+    row = {
+        "test_snapshot": snapshot,
+        "model_version": current,
+        "macro_f1": scores["macro_f1"],
+        "accuracy": scores["accuracy"],
+        "reason": reason,
+    }
+    catalog.upsert("champion_evaluations", [row], ["test_snapshot", "model_version"], update=False)
+    return row | {"evaluated_now": not existing}

@@ -1,60 +1,130 @@
 """Ingest: new objects in the store become curated, pseudonymised image shards plus catalog rows.
 
-Incremental by (key, ETag): a rerun with nothing new lists, compares and writes nothing. Each
-batch is one transaction after its shards are written under a key derived from the batch's
-contents, so a killed task retried later rewrites the same shard and UPSERTs the same rows: no
-duplicates. Every listed object ends as ingested, duplicate or quarantined (with a reason).
+Ledger. ``source_objects`` holds one row per (key, ETag) ever processed. A run processes only
+listed objects whose (key, ETag) is not recorded, so a rerun with nothing new lists, compares and
+writes nothing but its run report. A changed ETag supersedes the key's older rows; the images the
+old version produced and the new one does not are retired, unless a recorded duplicate from a
+current source holds the same pixels, which then takes the image over. Objects quarantined as
+``unlabelled`` are queued again as soon as a manifest or the key gives them a label.
+
+Parallelism. Fetching and decoding run in forked processes (``ingest_processes``; decoding is
+CPU-bound Python, which threads would confine to one core), or in ``ingest_workers`` threads where
+fork is unavailable. In one process, :func:`run` decodes the next batch while recording the last.
+
+Crash safety. A batch writes its shards (keys derived from the batch's contents) and quarantine
+records first, then commits all its rows in one transaction, serialised with concurrent batches
+(dedupe is re-checked inside it). A batch killed at any point leaves at most unreferenced objects;
+a retry or a later run redoes exactly the unrecorded objects, and UPSERTs make a repeat harmless.
+
+Accounting. Every new object ends ``ingested`` (it produced at least one new image),
+``duplicate`` (only images already stored) or ``quarantined`` (nothing usable; one row per
+unusable member, reason from :class:`mmpipe.imaging.Reason`). :func:`finish_run` fails the run
+unless ``new_objects == ingested + duplicate + quarantined``. Label manifests (:mod:`mmpipe.labels`)
+are control files, not data: they live in ``label_manifests`` and the report lists them apart.
+
+PHI convention. Identifiers leave ingest only as salted HMACs (patient, study); no header text
+is stored except coded technical values (Modality, BodyPartExamined, photometric, transfer syntax),
+and nothing read from a header is logged. Object keys and archive member paths are stored as they
+are: they are the address of the untouched original that quarantine records and scoring tags point
+back to. Exports must therefore name folders with opaque export ids or UIDs, never names or MRNs;
+ingest counts (``identifier_keys``, never the values) objects whose key or member path contains
+their own header's PatientID or AccessionNumber, so such an export is noticed.
 """
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import io
 import json
 import logging
+import multiprocessing
+import os
 import re
+import signal
 import time
-from collections import Counter
-from collections.abc import Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+import warnings
+from collections import Counter, deque
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
 import sqlalchemy as sa
+from sqlalchemy.engine import Connection
 
 from mmpipe.archives import iter_members
 from mmpipe.catalog import Catalog
 from mmpipe.config import Settings
-from mmpipe.imaging import Limits, Reason, Rejected, decode_image, sniff
+from mmpipe.errors import MmpipeError, StoreError
+from mmpipe.imaging import Decoded, Limits, Reason, Rejected, decode_image, sniff
+from mmpipe.labels import (
+    TRAINING_PREFIX,
+    Label,
+    Labeler,
+    Manifest,
+    ManifestError,
+    is_manifest,
+    parse_manifest,
+    parse_rules,
+)
 from mmpipe.pseudonym import fallback_patient, pseudonym
 from mmpipe.store import ObjectInfo, Store
 
 log = logging.getLogger(__name__)
 
-SUPERSEDE_IMAGES = sa.text(
-    "UPDATE images SET status = 'retired', status_reason = 'superseded' "
-    "WHERE source_key = :k AND source_etag <> :e AND status <> 'retired'"
-)
+MAX_ARCHIVE_DEPTH = 2
+ARCHIVE_KINDS = ("zip", "tar")
+MAX_MANIFEST_BYTES = 64 * 2**20
+#: Identifiers shorter than this are too likely to occur in a key by chance to be worth flagging.
+MIN_IDENTIFIER_CHARS = 4
+PROCESS_CHUNK = 4  # objects per task sent to a decode process
+_PR_SET_PDEATHSIG = 1
+_LOCK = 727_272  # PostgreSQL advisory lock serialising batch commits
+_IN_CHUNK = 500
+
 SUPERSEDE_SOURCES = sa.text(
     "UPDATE source_objects SET status = 'superseded' WHERE source_key = :k AND etag <> :e"
 )
-
-TRAINING_PREFIX = "training/"
-MAX_ARCHIVE_DEPTH = 2
-ARCHIVE_KINDS = ("zip", "tar")
+FORGET_QUARANTINE = sa.text("DELETE FROM quarantine WHERE source_key = :k AND source_etag = :e")
+FORGET_DUPLICATES = sa.text("DELETE FROM duplicates WHERE source_key = :k AND source_etag = :e")
+RETIRE = sa.text("UPDATE images SET status = 'retired', status_reason = 'superseded' WHERE image_id = :i")
+HEIRS = sa.text(
+    "SELECT d.source_key, d.source_etag, d.member_path, d.frame, d.label, d.label_source, d.patient_key, "
+    "d.study_key FROM duplicates d JOIN source_objects s ON s.source_key = d.source_key "
+    "AND s.etag = d.source_etag WHERE d.duplicate_of = :i AND s.status <> 'superseded' "
+    "AND d.label IS NOT NULL ORDER BY d.source_key, d.member_path"
+)
+INHERIT = sa.text(
+    "UPDATE images SET source_key = :source_key, source_etag = :source_etag, member_path = :member_path, "
+    "frame = :frame, label = :label, label_source = :label_source, patient_key = :patient_key, "
+    "study_key = :study_key WHERE image_id = :image_id"
+)
+HEIR_PROMOTED = sa.text(
+    "UPDATE source_objects SET status = 'ingested' WHERE source_key = :source_key AND etag = :source_etag"
+)
+FORGET_HEIR = sa.text(
+    "DELETE FROM duplicates WHERE source_key = :source_key AND source_etag = :source_etag "
+    "AND member_path = :member_path"
+)
+DUPLICATE_FIELDS = (
+    "source_key", "source_etag", "member_path", "frame", "label", "label_source", "patient_key", "study_key",
+)  # fmt: skip
 
 
 def run_slug(run_id: str) -> str:
     """An Airflow run id (``scheduled__2026-11-23T02:00:00+00:00``) as a safe key segment."""
-    return re.sub(r"[^A-Za-z0-9_.-]+", "-", run_id).strip("-")[:120]
+    slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", run_id).strip("-")[:120]
+    return slug if slug.strip(".") else "run-" + hashlib.sha256(run_id.encode()).hexdigest()[:12]
 
 
-def label_from_key(key: str, prefix: str, classes: Sequence[str]) -> str | None:
-    """``training/<class>/...`` -> class, when the folder names a configured class."""
-    rest = key[len(prefix) :] if key.startswith(prefix) else key
-    head = rest.split("/", 1)[0]
-    return head if head in classes and "/" in rest else None
+def like_prefix(prefix: str) -> str:
+    """A LIKE pattern matching keys under ``prefix`` literally (use with ``ESCAPE '\\'``)."""
+    return re.sub(r"([\\%_])", r"\\\1", prefix) + "%"
+
+
+# --------------------------------------------------------------------------- one object (pure)
 
 
 @dataclass
@@ -64,71 +134,216 @@ class Outcome:
     obj: ObjectInfo
     images: list[tuple[dict[str, Any], np.ndarray]] = field(default_factory=list)
     quarantined: list[dict[str, str]] = field(default_factory=list)
+    identifier_keys: int = 0
+
+
+def _rejection(path: str, exc: Rejected) -> dict[str, str]:
+    return {"member_path": path, "reason": str(exc.reason), "detail": exc.detail}
+
+
+def expand(key: str, data: bytes, limits: Limits) -> tuple[list[tuple[str, bytes]], list[dict[str, str]]]:
+    """The object's leaf files ``[(member path, bytes)]`` and its rejected archives.
+
+    A plain object is its own single leaf (path ""). Archives nest up to MAX_ARCHIVE_DEPTH, and all
+    levels together share one member/bytes budget, so an archive of archives cannot multiply the
+    limits. An archive that fails anywhere (even mid-way) is rejected whole: none of its files is used.
+    """
+    leaves: list[tuple[str, bytes]] = []
+    rejected: list[dict[str, str]] = []
+    members_left, bytes_left = limits.max_archive_members, limits.max_archive_bytes
+    pending = deque([("", data, 0)])
+    while pending:
+        path, body, depth = pending.popleft()
+        if sniff(body, path or key) not in ARCHIVE_KINDS:
+            leaves.append((path, body))
+            continue
+        try:
+            if depth >= MAX_ARCHIVE_DEPTH:
+                raise Rejected(
+                    Reason.UNSAFE_ARCHIVE, f"archives nested deeper than {MAX_ARCHIVE_DEPTH} levels"
+                )
+            room = replace(limits, max_archive_members=members_left, max_archive_bytes=bytes_left)
+            members = list(iter_members(body, path or key, room))
+            if not members:
+                raise Rejected(Reason.EMPTY, "archive holds no files")
+        except Rejected as exc:
+            rejected.append(_rejection(path, exc))
+            continue
+        members_left -= len(members)
+        bytes_left -= sum(len(b) for _, b in members)
+        pending.extend((f"{path}!{name}" if path else name, b, depth + 1) for name, b in members)
+    return leaves, rejected
+
+
+def _fallback_patient(key: str, member: str) -> str:
+    """Identity without a PatientID: the folder holding the file, inside its archive if it has one."""
+    if not member:
+        return fallback_patient(key)
+    folder = member.rsplit("/", 1)[0] if "/" in member else ""
+    return f"archive:{key}!{folder}"
+
+
+def _names_identifier(key: str, member: str, decoded: Decoded) -> bool:
+    where = f"{key}!{member}"
+    return any(
+        value and len(value) >= MIN_IDENTIFIER_CHARS and value in where
+        for value in (decoded.patient_id, decoded.accession)
+    )
+
+
+def image_row(obj: ObjectInfo, member: str, decoded: Decoded, label: Label, salt: bytes) -> dict[str, Any]:
+    """The catalog row of one decoded image; identifiers enter it only as salted hashes."""
+    pixels = decoded.pixels
+    patient = decoded.patient_id or _fallback_patient(obj.key, member)
+    study = decoded.study_uid or f"{patient}/{obj.key}"
+    return {
+        "image_id": hashlib.sha256(pixels.tobytes()).hexdigest()[:32],
+        "source_key": obj.key,
+        "source_etag": obj.etag,
+        "member_path": member,
+        "frame": decoded.frame,
+        "label": label.name,
+        "label_source": label.source,
+        "modality": decoded.modality,
+        "body_part": decoded.body_part,
+        "n_frames": decoded.n_frames,
+        "photometric": decoded.photometric,
+        "transfer_syntax": decoded.transfer_syntax,
+        "patient_key": pseudonym(salt, "patient", patient),
+        "study_key": pseudonym(salt, "study", study),
+        "orig_rows": decoded.orig_rows,
+        "orig_cols": decoded.orig_cols,
+        "bits_stored": decoded.bits_stored,
+        "pixel_mean": float(pixels.mean()),
+        "pixel_std": float(pixels.std()),
+    }
 
 
 def process_object(
-    obj: ObjectInfo, data: bytes, *, label: str | None, salt: bytes, size: int, limits: Limits
+    obj: ObjectInfo, data: bytes, *, labeler: Labeler, salt: bytes, size: int, limits: Limits
 ) -> Outcome:
-    """Decode one object (expanding archives) into pseudonymised image rows. Pure: no I/O."""
+    """Decode one object (expanding archives) into labelled, pseudonymised image rows. Pure: no I/O."""
     outcome = Outcome(obj)
-    members: list[tuple[str, bytes, int]] = [("", data, 0)]
-    while members:
-        path, body, depth = members.pop(0)
+    leaves, outcome.quarantined = expand(obj.key, data, limits)
+    for member, body in leaves:
         try:
-            kind = sniff(body, path or obj.key)
-            if kind in ARCHIVE_KINDS:
-                if depth >= MAX_ARCHIVE_DEPTH:
-                    raise Rejected(Reason.UNSAFE_ARCHIVE, f"archives nested deeper than {MAX_ARCHIVE_DEPTH}")
-                members.extend(
-                    (f"{path}!{name}" if path else name, member, depth + 1)
-                    for name, member in iter_members(body, path or obj.key, limits)
-                )
-                continue
-            if label is None:
-                raise Rejected(Reason.UNLABELLED, "no class folder under training/ for this object")
-            decoded = decode_image(body, path or obj.key, size, limits)
+            decoded = decode_image(body, member or obj.key, size, limits)
+            label = labeler.resolve(
+                obj.key, member, decoded.modality, decoded.body_part, decoded.study_description
+            )
         except Rejected as exc:
-            outcome.quarantined.append({"member_path": path, "reason": str(exc.reason), "detail": exc.detail})
+            outcome.quarantined.append(_rejection(member, exc))
             continue
-        pixels = decoded.pixels
-        patient = decoded.patient_id or fallback_patient(obj.key)
-        study = decoded.study_uid or f"{patient}/{obj.key}"
-        row = {
-            "image_id": hashlib.sha256(pixels.tobytes()).hexdigest()[:32],
-            "source_key": obj.key,
-            "source_etag": obj.etag,
-            "member_path": path,
-            "frame": decoded.frame,
-            "label": label,
-            "label_source": "prefix",
-            "modality": decoded.modality,
-            "patient_key": pseudonym(salt, "patient", patient),
-            "study_key": pseudonym(salt, "study", study),
-            "orig_rows": decoded.orig_rows,
-            "orig_cols": decoded.orig_cols,
-            "bits_stored": decoded.bits_stored,
-            "pixel_mean": float(pixels.mean()),
-            "pixel_std": float(pixels.std()),
-        }
-        outcome.images.append((row, pixels))
-    if not outcome.images and not outcome.quarantined:
-        outcome.quarantined.append(
-            {"member_path": "", "reason": str(Reason.EMPTY), "detail": "archive had no files"}
-        )
+        outcome.images.append((image_row(obj, member, decoded, label, salt), decoded.pixels))
+        outcome.identifier_keys += _names_identifier(obj.key, member, decoded)
     return outcome
 
 
-def list_new(store: Store, catalog: Catalog, prefix: str) -> tuple[list[ObjectInfo], int]:
-    """Objects under ``prefix`` whose (key, ETag) the catalog has not recorded; also the listed total."""
+# --------------------------------------------------------------------------- listing and labels
+
+
+def _default_manifest_names() -> tuple[str, ...]:
+    return Settings.model_fields["label_manifest_names"].default
+
+
+def refresh_manifests(store: Store, catalog: Catalog, prefix: str, found: Sequence[ObjectInfo]) -> None:
+    """Mirror the label manifests under ``prefix`` into ``label_manifests``, reading only changed ones."""
+    known = {
+        r["manifest_key"]: r["etag"]
+        for r in catalog.query(
+            "SELECT manifest_key, etag FROM label_manifests WHERE manifest_key LIKE :p ESCAPE '\\'",
+            p=like_prefix(prefix),
+        )
+    }
+    current = {o.key for o in found}
+    rows = []
+    for obj in found:
+        if known.get(obj.key) == obj.etag:
+            continue
+        row = {
+            "manifest_key": obj.key,
+            "etag": obj.etag,
+            "status": "ok",
+            "detail": None,
+            "entries_json": "{}",
+        }
+        try:
+            if obj.size > MAX_MANIFEST_BYTES:
+                raise ManifestError(f"{obj.size} bytes > {MAX_MANIFEST_BYTES}")
+            row["entries_json"] = json.dumps(parse_manifest(obj.key, store.get(obj.key)), sort_keys=True)
+        except ManifestError as exc:
+            row |= {"status": "invalid", "detail": str(exc)}
+            log.warning("label manifest %s is unusable (%s); its entries are ignored", obj.key, exc)
+        rows.append(row)
+    gone = [{"k": k} for k in known if k not in current]
+    with catalog.begin() as conn:
+        if gone:
+            conn.execute(sa.text("DELETE FROM label_manifests WHERE manifest_key = :k"), gone)
+        catalog.upsert("label_manifests", rows, ["manifest_key"], conn)
+
+
+def load_labeler(settings: Settings | None, catalog: Catalog, prefix: str) -> Labeler:
+    """The labeler for objects under ``prefix``: its recorded manifests plus the configured rules."""
+    classes = settings.classes if settings else Settings.model_fields["classes"].default
+    rules = parse_rules(settings.label_rules, classes) if settings else ()
+    manifests = [
+        Manifest(r["manifest_key"], json.loads(r["entries_json"]))
+        for r in catalog.query(
+            "SELECT manifest_key, entries_json FROM label_manifests WHERE status = 'ok' "
+            "AND manifest_key LIKE :p ESCAPE '\\'",
+            p=like_prefix(prefix),
+        )
+    ]
+    return Labeler(classes, manifests, rules)
+
+
+def _now_labelled(catalog: Catalog, prefix: str, labeler: Labeler) -> set[tuple[str, str]]:
+    """Current (key, ETag)s with an ``unlabelled`` member that a manifest or the key now labels."""
+    rows = catalog.query(
+        "SELECT q.source_key, q.source_etag, q.member_path FROM quarantine q JOIN source_objects s "
+        "ON s.source_key = q.source_key AND s.etag = q.source_etag WHERE q.reason = :r "
+        "AND s.status <> 'superseded' AND q.source_key LIKE :p ESCAPE '\\'",
+        r=str(Reason.UNLABELLED),
+        p=like_prefix(prefix),
+    )
+    found = set()
+    for row in rows:
+        try:
+            if labeler.explicit(row["source_key"], row["member_path"]):
+                found.add((row["source_key"], row["source_etag"]))
+        except Rejected:
+            continue
+    return found
+
+
+def list_new(
+    store: Store, catalog: Catalog, prefix: str, settings: Settings | None = None
+) -> tuple[list[ObjectInfo], int]:
+    """Data objects under ``prefix`` to process now, and how many data objects are listed in all.
+
+    New means: (key, ETag) not recorded, or recorded with an unlabelled member that now has a label.
+    Label manifests are refreshed on the way and are not data objects. ``settings`` supplies the
+    manifest names and classes (their defaults without it).
+    """
+    names = settings.label_manifest_names if settings else _default_manifest_names()
     listed = list(store.list(prefix))
+    data = [o for o in listed if not is_manifest(o.key, names)]
+    refresh_manifests(store, catalog, prefix, [o for o in listed if is_manifest(o.key, names)])
     seen = {
         (r["source_key"], r["etag"])
         for r in catalog.query(
-            "SELECT source_key, etag FROM source_objects WHERE source_key LIKE :p",
-            p=prefix.replace("%", r"\%") + "%",
+            "SELECT source_key, etag FROM source_objects WHERE status <> 'superseded' "
+            "AND source_key LIKE :p ESCAPE '\\'",
+            p=like_prefix(prefix),
         )
     }
-    return [o for o in listed if (o.key, o.etag) not in seen], len(listed)
+    again = _now_labelled(catalog, prefix, load_labeler(settings, catalog, prefix))
+    new = [o for o in data if (o.key, o.etag) not in seen or (o.key, o.etag) in again]
+    log.info(
+        "ingest listing %s: %d data objects, %d label manifests, %d to process (%d newly labelled)",
+        prefix, len(data), len(listed) - len(data), len(new), len(again),
+    )  # fmt: skip
+    return new, len(data)
 
 
 def batches(objects: Sequence[ObjectInfo], batch_size: int) -> list[list[ObjectInfo]]:
@@ -152,25 +367,153 @@ def load_shard(store: Store, shard_uri: str) -> tuple[np.ndarray, list[str]]:
         return shard["pixels"], [str(x) for x in shard["image_ids"]]
 
 
-def _fetch_and_process(
-    store: Store, settings: Settings, salt: bytes, prefix: str, obj: ObjectInfo
-) -> Outcome:
-    limits = Limits.from_settings(settings)
-    label = label_from_key(obj.key, prefix, settings.classes) if prefix.startswith(TRAINING_PREFIX) else None
+# --------------------------------------------------------------------------- one batch
+
+
+@dataclass(frozen=True)
+class _Context:
+    labeler: Labeler
+    salt: bytes
+    size: int
+    limits: Limits
+
+
+def _quarantined(obj: ObjectInfo, reason: Reason, detail: str) -> Outcome:
+    return Outcome(obj, quarantined=[{"member_path": "", "reason": str(reason), "detail": detail}])
+
+
+def _fetch_and_process(store: Store, context: _Context, obj: ObjectInfo) -> Outcome:
+    limits = context.limits
     if obj.size > limits.max_object_bytes:
-        outcome = Outcome(obj)
-        detail = f"object is {obj.size} bytes; limit {limits.max_object_bytes}"
-        outcome.quarantined.append({"member_path": "", "reason": str(Reason.TOO_LARGE), "detail": detail})
-        return outcome
-    if obj.size == 0:
-        outcome = Outcome(obj)
-        outcome.quarantined.append(
-            {"member_path": "", "reason": str(Reason.EMPTY), "detail": "zero-byte object"}
+        return _quarantined(
+            obj, Reason.TOO_LARGE, f"object is {obj.size} bytes; limit {limits.max_object_bytes}"
         )
-        return outcome
+    if obj.size == 0:
+        return _quarantined(obj, Reason.EMPTY, "zero-byte object")
+    try:
+        data = store.get(obj.key)
+    except StoreError:
+        if store.head(obj.key) is not None:
+            raise  # the store failed, not the object: let the task retry
+        return _quarantined(obj, Reason.EMPTY, "object was deleted after it was listed")
     return process_object(
-        obj, store.get(obj.key), label=label, salt=salt, size=settings.image_size, limits=limits
+        obj, data, labeler=context.labeler, salt=context.salt, size=context.size, limits=limits
     )
+
+
+def _progress(what: str, done: int, total: int, started: float) -> None:
+    rate = done / max(time.monotonic() - started, 1e-6)
+    log.info(
+        "ingest %s: %d/%d objects, %.1f objects/s, ETA %.0fs", what, done, total, rate, (total - done) / rate
+    )
+
+
+#: The forked decode process's own store client and context (see :func:`_worker_start`).
+_worker: tuple[Store, _Context] | None = None
+
+
+def _die_with_parent(parent: int) -> None:
+    """Linux: a decode process must not outlive a killed task (it would wait on its queue forever).
+
+    The signal follows the forking thread; a :class:`Fetcher` is always closed by that thread.
+    """
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):  # not Linux: no parent-death signal
+        return
+    if os.getppid() != parent:  # the parent died before the signal was armed
+        os._exit(1)
+
+
+def _worker_start(settings: Settings, context: _Context, parent: int) -> None:
+    """Set up one forked decode process: its own S3 client, and nothing logged or warned.
+
+    The parent's logging handlers, locks and connections are not the child's to use; outcomes
+    (reasons and details) carry everything the parent records.
+    """
+    global _worker
+    _die_with_parent(parent)
+    logging.disable(logging.CRITICAL)
+    warnings.simplefilter("ignore")
+    _worker = (Store(settings), context)
+
+
+def _worker_fetch(objects: list[ObjectInfo]) -> list[Outcome]:
+    if _worker is None:
+        raise RuntimeError("decode process used before _worker_start")
+    return [_fetch_and_process(*_worker, obj) for obj in objects]
+
+
+def decode_processes(settings: Settings) -> int:
+    """How many processes fetch and decode in parallel (1: the task's own threads do)."""
+    if "fork" not in multiprocessing.get_all_start_methods():
+        return 1
+    return settings.ingest_processes or (os.cpu_count() or 1) + 1
+
+
+class Fetcher:
+    """Fetches and decodes objects in parallel: forked processes (decoding is CPU-bound Python, so
+    threads would share one core), or ``ingest_workers`` threads where processes are off.
+
+    One fetcher serves a whole run, so batches queue behind each other without new processes and
+    the next batch decodes while the previous one is recorded.
+    """
+
+    def __init__(self, settings: Settings, store: Store, context: _Context, objects: int):
+        self.processes = min(decode_processes(settings), max(objects, 1))
+        self.chunk = PROCESS_CHUNK if self.processes > 1 else 1
+        self.store, self.context = store, context
+        if self.processes > 1:
+            self.pool: Executor = ProcessPoolExecutor(
+                self.processes,
+                mp_context=multiprocessing.get_context("fork"),
+                initializer=_worker_start,
+                initargs=(settings, context, os.getpid()),
+            )
+        else:
+            self.pool = ThreadPoolExecutor(settings.ingest_workers)
+
+    def __enter__(self) -> Fetcher:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.pool.shutdown(cancel_futures=True)
+
+    def _local(self, objects: list[ObjectInfo]) -> list[Outcome]:
+        return [_fetch_and_process(self.store, self.context, o) for o in objects]
+
+    def submit(self, objects: Sequence[ObjectInfo]) -> list[Future[list[Outcome]]]:
+        work = _worker_fetch if self.processes > 1 else self._local
+        return [
+            self.pool.submit(work, list(objects[i : i + self.chunk]))
+            for i in range(0, len(objects), self.chunk)
+        ]
+
+
+def _context(settings: Settings, catalog: Catalog, prefix: str) -> _Context:
+    return _Context(
+        labeler=load_labeler(settings, catalog, prefix),
+        salt=settings.salt(),
+        size=settings.image_size,
+        limits=Limits.from_settings(settings),
+    )
+
+
+def _record_batch(
+    settings: Settings,
+    store: Store,
+    catalog: Catalog,
+    run_id: str,
+    objects: Sequence[ObjectInfo],
+    futures: list[Future[list[Outcome]]],
+) -> dict[str, int]:
+    started, outcomes, mark = time.monotonic(), [], 0
+    for future in futures:
+        outcomes += future.result()
+        if len(outcomes) >= mark or len(outcomes) == len(objects):
+            _progress("batch", len(outcomes), len(objects), started)
+            mark = len(outcomes) + max(1, len(objects) // 10)
+    return record_outcomes(settings, store, catalog, run_id, batch_id(objects), outcomes)
 
 
 def ingest_objects(
@@ -181,113 +524,174 @@ def ingest_objects(
     objects: Sequence[ObjectInfo],
     prefix: str,
 ) -> dict[str, int]:
-    """Ingest one batch: concurrent fetch+decode, shards, then one catalog transaction."""
-    salt = settings.salt()
-    started = time.monotonic()
-    outcomes: list[Outcome] = []
-    with ThreadPoolExecutor(settings.ingest_workers) as pool:
-        futures = pool.map(lambda o: _fetch_and_process(store, settings, salt, prefix, o), objects)
-        for done, outcome in enumerate(futures, 1):
-            outcomes.append(outcome)
-            _progress(done, len(objects), started)
-    return record_outcomes(settings, store, catalog, run_id, batch_id(objects), outcomes)
+    """Ingest one batch: bounded parallel fetch+decode, shards, then one catalog transaction."""
+    with Fetcher(settings, store, _context(settings, catalog, prefix), len(objects)) as fetcher:
+        return _record_batch(settings, store, catalog, run_id, objects, fetcher.submit(objects))
 
 
-def _progress(done: int, total: int, started: float) -> None:
-    step = max(1, total // 10)
-    if done % step and done != total:
-        return
-    rate = done / max(time.monotonic() - started, 1e-6)
-    log.info("ingest: %d/%d objects, %.1f objects/s, ETA %.0fs", done, total, rate, (total - done) / rate)
+def _select_in(conn: Connection, sql: str, values: Iterable[str]) -> list[dict[str, Any]]:
+    """Rows of ``sql`` (with an ``{in}`` placeholder) for values in chunks of bound parameters."""
+    values, rows = list(values), []
+    for start in range(0, len(values), _IN_CHUNK):
+        names = {f"v{n}": v for n, v in enumerate(values[start : start + _IN_CHUNK])}
+        in_list = ", ".join(":" + k for k in names)
+        rows += [dict(r._mapping) for r in conn.execute(sa.text(sql.format(**{"in": in_list})), names)]
+    return rows
+
+
+def _stored_labels(conn: Connection, image_ids: Iterable[str], batch_keys: set[str]) -> dict[str, str]:
+    """{image_id: label} of stored images among ``image_ids``, except those the batch's own keys own."""
+    rows = _select_in(
+        conn,
+        "SELECT image_id, source_key, label FROM images WHERE status <> 'retired' AND image_id IN ({in})",
+        image_ids,
+    )
+    return {r["image_id"]: r["label"] for r in rows if r["source_key"] not in batch_keys}
+
+
+def _duplicate(row: dict[str, Any], of: str) -> dict[str, Any]:
+    return {k: row[k] for k in DUPLICATE_FIELDS} | {"duplicate_of": of}
+
+
+def _retire_or_inherit(conn: Connection, batch_keys: set[str], produced: set[str]) -> tuple[int, int]:
+    """Images the batch's keys owned but no longer produce: a current duplicate inherits each, else retired."""
+    owned = _select_in(
+        conn, "SELECT image_id FROM images WHERE status <> 'retired' AND source_key IN ({in})", batch_keys
+    )
+    retired = inherited = 0
+    for image_id in sorted({r["image_id"] for r in owned} - produced):
+        heirs = [dict(r._mapping) for r in conn.execute(HEIRS, {"i": image_id})]
+        heir = next((h for h in heirs if h["source_key"] not in batch_keys), None)
+        if heir is None:
+            conn.execute(RETIRE, {"i": image_id})
+            retired += 1
+            continue
+        conn.execute(INHERIT, heir | {"image_id": image_id})
+        conn.execute(FORGET_HEIR, heir)
+        conn.execute(HEIR_PROMOTED, heir)
+        inherited += 1
+    return retired, inherited
 
 
 def record_outcomes(
     settings: Settings, store: Store, catalog: Catalog, run_id: str, batch: str, outcomes: list[Outcome]
 ) -> dict[str, int]:
+    """Write shards and quarantine records, then commit every row of the batch in one transaction."""
     slug = run_slug(run_id)
+    batch_keys = {o.obj.key for o in outcomes}
     candidates = [(row, px) for o in outcomes for row, px in o.images]
-    existing = _known_ids(catalog, [row["image_id"] for row, _ in candidates])
-    fresh: dict[str, tuple[dict[str, Any], np.ndarray]] = {}
+    with catalog.begin() as conn:
+        stored = _stored_labels(conn, {row["image_id"] for row, _ in candidates}, batch_keys)
+    fresh: dict[str, dict[str, Any]] = {}
+    pixels: dict[str, np.ndarray] = {}
     duplicates: list[dict[str, Any]] = []
     for row, px in candidates:
-        first = existing.get(row["image_id"]) or (row["image_id"] if row["image_id"] in fresh else None)
-        if first:
-            duplicates.append(
-                {k: row[k] for k in ("source_key", "source_etag", "member_path")} | {"duplicate_of": first}
-            )
+        if row["image_id"] in stored or row["image_id"] in fresh:
+            duplicates.append(_duplicate(row, row["image_id"]))
         else:
-            fresh[row["image_id"]] = (row, px)
+            fresh[row["image_id"]], pixels[row["image_id"]] = row, px
 
-    image_rows: list[dict[str, Any]] = []
-    items = list(fresh.values())
+    items = list(fresh)
     for n, start in enumerate(range(0, len(items), settings.shard_size)):
         chunk = items[start : start + settings.shard_size]
-        shard_uri = write_shard(
-            store, f"curated/{slug}/{batch}-{n:03d}.npz", [r for r, _ in chunk], [p for _, p in chunk]
+        uri = write_shard(
+            store,
+            f"curated/{slug}/{batch}-{n:03d}.npz",
+            [fresh[i] for i in chunk],
+            [pixels[i] for i in chunk],
         )
-        for index, (row, _) in enumerate(chunk):
-            image_rows.append(
-                row
-                | {"shard_uri": shard_uri, "shard_index": index, "ingest_run_id": run_id}
-                | {"status": "active", "status_reason": None}
-            )
+        for index, image_id in enumerate(chunk):
+            fresh[image_id] |= {"shard_uri": uri, "shard_index": index, "ingest_run_id": run_id}
+            fresh[image_id] |= {"status": "active", "status_reason": None}
 
-    quarantine_rows = []
-    for outcome in outcomes:
-        for q in outcome.quarantined:
-            record = {"source_key": outcome.obj.key, "source_etag": outcome.obj.etag, **q, "run_id": run_id}
-            digest = hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:16]
-            record["record_uri"] = store.put_json(f"quarantine/{slug}/{digest}.json", record)
-            quarantine_rows.append(record)
-
-    dup_keys = Counter(d["source_key"] for d in duplicates)
-    new_keys = Counter(r["source_key"] for r in image_rows)
-    sources = []
-    for o in outcomes:
-        status = "ingested" if new_keys[o.obj.key] else "duplicate" if dup_keys[o.obj.key] else "quarantined"
-        sources.append(
-            {
-                "source_key": o.obj.key,
-                "etag": o.obj.etag,
-                "size_bytes": o.obj.size,
-                "run_id": run_id,
-                "status": status,
-                "n_images": len(o.images),
-                "n_quarantined": len(o.quarantined),
-            }
-        )
-    member_key = ["source_key", "source_etag", "member_path"]
+    quarantine_rows = _write_quarantine_records(store, settings.ingest_workers, slug, run_id, outcomes)
+    versions = [{"k": o.obj.key, "e": o.obj.etag} for o in outcomes]
     with catalog.begin() as conn:
-        for o in outcomes:  # a changed ETag supersedes the key's older versions
-            conn.execute(SUPERSEDE_IMAGES, {"k": o.obj.key, "e": o.obj.etag})
-            conn.execute(SUPERSEDE_SOURCES, {"k": o.obj.key, "e": o.obj.etag})
-        # Rows whose content was only retired come back to life pointing at the new source.
-        catalog.upsert("images", image_rows, ["image_id"], conn)
+        if conn.dialect.name == "postgresql":
+            conn.execute(sa.text("SELECT pg_advisory_xact_lock(:n)"), {"n": _LOCK})
+        # on SQLite this first write takes the database write lock for the rest of the transaction
+        conn.execute(SUPERSEDE_SOURCES, versions)
+        conn.execute(FORGET_QUARANTINE, versions)
+        conn.execute(FORGET_DUPLICATES, versions)
+        late = _stored_labels(conn, list(fresh), batch_keys)  # committed meanwhile by a concurrent batch
+        for image_id, label in late.items():
+            duplicates.append(_duplicate(fresh.pop(image_id), image_id))
+            stored[image_id] = label
+        retired, inherited = _retire_or_inherit(conn, batch_keys, set(fresh))
+        catalog.upsert("images", list(fresh.values()), ["image_id"], conn)
+        member_key = ["source_key", "source_etag", "member_path"]
         catalog.upsert("duplicates", [d | {"run_id": run_id} for d in duplicates], member_key, conn)
         catalog.upsert("quarantine", quarantine_rows, member_key, conn)
+        sources = _source_rows(outcomes, fresh.values(), duplicates, run_id)
         catalog.upsert("source_objects", sources, ["source_key", "etag"], conn)
+
+    labels = {**stored, **{i: r["label"] for i, r in fresh.items()}}
+    conflicts = sum(1 for d in duplicates if d["label"] != labels.get(d["duplicate_of"], d["label"]))
     counts = Counter(s["status"] for s in sources)
-    return {
+    result = {
         "objects": len(outcomes),
         "ingested": counts["ingested"],
         "duplicate": counts["duplicate"],
         "quarantined": counts["quarantined"],
-        "images": len(image_rows),
+        "images": len(fresh),
         "duplicate_images": len(duplicates),
         "quarantined_members": len(quarantine_rows),
+        "label_conflicts": conflicts,
+        "retired_images": retired,
+        "inherited_images": inherited,
+        "identifier_keys": sum(o.identifier_keys for o in outcomes),
     }
+    log.info("ingest batch %s: %s", batch, json.dumps(result, sort_keys=True))
+    if conflicts:
+        log.warning("%d duplicate images carry a different label than the stored copy", conflicts)
+    if result["identifier_keys"]:
+        log.warning(
+            "%d images come from keys or member paths containing their own PatientID or AccessionNumber; "
+            "keys are stored verbatim: export under opaque folder names",
+            result["identifier_keys"],
+        )
+    return result
 
 
-def _known_ids(catalog: Catalog, ids: list[str]) -> dict[str, str]:
-    found: dict[str, str] = {}
-    for start in range(0, len(ids), 500):
-        chunk = ids[start : start + 500]
-        if not chunk:
-            continue
-        names = {f"i{n}": v for n, v in enumerate(chunk)}
-        sql = f"SELECT image_id FROM images WHERE status <> 'retired' AND image_id IN ({', '.join(':' + k for k in names)})"
-        found.update({r["image_id"]: r["image_id"] for r in catalog.query(sql, **names)})
-    return found
+def _write_quarantine_records(
+    store: Store, workers: int, slug: str, run_id: str, outcomes: list[Outcome]
+) -> list[dict[str, Any]]:
+    records = []
+    for outcome in outcomes:
+        for q in outcome.quarantined:
+            record = {"source_key": outcome.obj.key, "source_etag": outcome.obj.etag, **q, "run_id": run_id}
+            digest = hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:16]
+            records.append((f"quarantine/{slug}/{digest}.json", record))
+    put: Callable[[tuple[str, dict]], str] = lambda item: store.put_json(*item)  # noqa: E731
+    with ThreadPoolExecutor(workers) as pool:
+        uris = list(pool.map(put, records))
+    return [record | {"record_uri": uri} for (_, record), uri in zip(records, uris, strict=True)]
+
+
+def _source_rows(
+    outcomes: list[Outcome], fresh: Iterable[dict[str, Any]], duplicates: list[dict[str, Any]], run_id: str
+) -> list[dict[str, Any]]:
+    new_keys = Counter(r["source_key"] for r in fresh)
+    dup_keys = Counter(d["source_key"] for d in duplicates)
+
+    def status(key: str) -> str:
+        return "ingested" if new_keys[key] else "duplicate" if dup_keys[key] else "quarantined"
+
+    return [
+        {
+            "source_key": o.obj.key,
+            "etag": o.obj.etag,
+            "size_bytes": o.obj.size,
+            "run_id": run_id,
+            "status": status(o.obj.key),
+            "n_images": len(o.images),
+            "n_quarantined": len(o.quarantined),
+        }
+        for o in outcomes
+    ]
+
+
+# --------------------------------------------------------------------------- runs
 
 
 def start_run(catalog: Catalog, run_id: str, prefix: str) -> None:
@@ -304,25 +708,46 @@ def finish_run(
     results: Sequence[dict[str, int]],
 ) -> dict[str, Any]:
     """Sum batch results, prove the accounting, publish the run report and close the run."""
-    totals = Counter()
+    totals: Counter[str] = Counter()
     for result in results:
         totals.update(result)
     accounted = totals["ingested"] + totals["duplicate"] + totals["quarantined"]
+    prefix = catalog.scalar("SELECT prefix FROM ingest_runs WHERE run_id = :r", r=run_id) or TRAINING_PREFIX
+    manifests = catalog.query(
+        "SELECT manifest_key, status, detail FROM label_manifests WHERE manifest_key LIKE :p ESCAPE '\\' "
+        "ORDER BY manifest_key",
+        p=like_prefix(prefix),
+    )
+
+    def counts(sql: str) -> dict[str, int]:
+        return {r["k"]: r["n"] for r in catalog.query(sql, r=run_id)}
+
     report = {
         "run_id": run_id,
+        "prefix": prefix,
         "listed": listed,
+        "already_seen": listed - new_objects,
         "new_objects": new_objects,
         "accounted": accounted,
         **{k: totals[k] for k in ("ingested", "duplicate", "quarantined", "images", "duplicate_images")},
-        "quarantined_members": totals["quarantined_members"],
-        "quarantine_reasons": dict(
-            (r["reason"], r["n"])
-            for r in catalog.query(
-                "SELECT reason, count(*) AS n FROM quarantine WHERE run_id = :r GROUP BY reason", r=run_id
-            )
+        **{k: totals[k] for k in ("quarantined_members", "label_conflicts", "retired_images")},
+        **{k: totals[k] for k in ("inherited_images", "identifier_keys")},
+        "quarantine_reasons": counts(
+            "SELECT reason AS k, count(*) AS n FROM quarantine WHERE run_id = :r GROUP BY reason"
         ),
+        "classes": counts(
+            "SELECT label AS k, count(*) AS n FROM images WHERE ingest_run_id = :r GROUP BY label"
+        ),
+        "label_sources": counts(
+            "SELECT label_source AS k, count(*) AS n FROM images WHERE ingest_run_id = :r GROUP BY label_source"
+        ),
+        "label_manifests": sum(1 for m in manifests if m["status"] == "ok"),
+        "invalid_label_manifests": [
+            {"key": m["manifest_key"], "detail": m["detail"]} for m in manifests if m["status"] != "ok"
+        ],
     }
     status = "succeeded" if accounted == new_objects else "failed"
+    report["status"] = status
     report["report_uri"] = store.put_json(f"reports/ingest/{run_slug(run_id)}/report.json", report)
     row = {
         "r": run_id,
@@ -340,9 +765,15 @@ def finish_run(
         "WHERE run_id = :r",
         row,
     )
+    log.info(
+        "ingest run %s %s: %d new of %d listed -> %d ingested, %d duplicate, %d quarantined (%d images)",
+        run_id, status, new_objects, listed, totals["ingested"], totals["duplicate"], totals["quarantined"],
+        totals["images"],
+    )  # fmt: skip
     if status != "succeeded":
-        raise RuntimeError(
-            f"ingest accounting broken: {new_objects} new objects but {accounted} accounted for"
+        raise MmpipeError(
+            f"ingest accounting broken for run {run_id}: {new_objects} new objects but {accounted} accounted "
+            f"for (a batch failed?); report: {report['report_uri']}"
         )
     return report
 
@@ -355,8 +786,26 @@ def run(
     prefix: str = TRAINING_PREFIX,
     batch_size: int = 200,
 ) -> dict[str, Any]:
-    """The whole ingest in one process (the CLI); the DAG runs the same steps as mapped tasks."""
+    """The whole ingest in one process (the CLI); the DAG runs the same steps as mapped tasks.
+
+    One fetcher serves every batch, and the next batch is decoding while one is recorded (at most
+    two batches of outcomes are held in memory).
+    """
     start_run(catalog, run_id, prefix)
-    new, listed = list_new(store, catalog, prefix)
-    results = [ingest_objects(settings, store, catalog, run_id, b, prefix) for b in batches(new, batch_size)]
+    new, listed = list_new(store, catalog, prefix, settings)
+    started, results = time.monotonic(), []
+    pending: deque[tuple[list[ObjectInfo], list[Future[list[Outcome]]]]] = deque()
+
+    def record_oldest() -> None:
+        objects, futures = pending.popleft()
+        results.append(_record_batch(settings, store, catalog, run_id, objects, futures))
+        _progress("run", sum(r["objects"] for r in results), len(new), started)
+
+    with Fetcher(settings, store, _context(settings, catalog, prefix), len(new)) as fetcher:
+        for batch in batches(new, batch_size):
+            pending.append((batch, fetcher.submit(batch)))
+            if len(pending) == 2:
+                record_oldest()
+        while pending:
+            record_oldest()
     return finish_run(store, catalog, run_id, len(new), listed, results)

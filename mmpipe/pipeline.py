@@ -28,9 +28,9 @@ def connect(settings: Settings | None = None) -> tuple[Settings, Store, Catalog]
 
 def ingest_list(run_id: str, prefix: str = ingest.TRAINING_PREFIX, batch_size: int = 200) -> dict[str, Any]:
     """Record the run, find new objects and write one batch manifest per mapped task."""
-    _, store, catalog = connect()
+    settings, store, catalog = connect()
     store.check()
-    new, listed = ingest.list_new(store, catalog, prefix)
+    new, listed = ingest.list_new(store, catalog, prefix, settings)
     if listed == 0:
         raise MmpipeError(
             f"nothing to ingest: {store.uri(prefix)} is empty. Upload studies as {prefix}<class>/..., "
@@ -84,10 +84,20 @@ def candidates(backbones: Sequence[str], **options: Any) -> list[dict[str, Any]]
 
 
 def train(plan_uri: str, candidate: dict[str, Any], run_id: str) -> dict[str, str]:
-    from mmpipe.train import train_candidate
+    """Train one candidate; a crash marks its training run failed before propagating."""
+    from mmpipe.train import run_ids, train_candidate
 
     settings, store, catalog = connect()
-    return train_candidate(settings, store, catalog, plan_uri, Candidate.from_dict(candidate), run_id)
+    spec = Candidate.from_dict(candidate)
+    try:
+        return train_candidate(settings, store, catalog, plan_uri, spec, run_id)
+    except BaseException:
+        catalog.execute(
+            "UPDATE training_runs SET status = 'failed', finished_at = CURRENT_TIMESTAMP "
+            "WHERE training_run_id = :t AND status = 'running'",
+            {"t": run_ids(run_id, spec.name)[0]},
+        )
+        raise
 
 
 def evaluate_model(model_version: str, snapshot: str) -> dict[str, Any]:

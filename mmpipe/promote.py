@@ -27,7 +27,10 @@ def decide(challenger_f1: float, champion_f1: float | None, min_gain: float) -> 
         return True, "no champion yet"
     if challenger_f1 > champion_f1 + min_gain:
         return True, f"macro-F1 {challenger_f1:.4f} beats champion {champion_f1:.4f} by more than {min_gain}"
-    return False, f"macro-F1 {challenger_f1:.4f} does not beat champion {champion_f1:.4f} by more than {min_gain}"
+    return (
+        False,
+        f"macro-F1 {challenger_f1:.4f} does not beat champion {champion_f1:.4f} by more than {min_gain}",
+    )
 
 
 def _evaluation(catalog: Catalog, model_version: str, snapshot: str) -> dict[str, Any] | None:
@@ -61,7 +64,9 @@ def promote_best(
     if current == best["model_version"]:
         promoted, reason = False, "best candidate is already the champion"
     else:
-        promoted, reason = decide(best["macro_f1"], current_eval["macro_f1"] if current_eval else None, min_gain)
+        promoted, reason = decide(
+            best["macro_f1"], current_eval["macro_f1"] if current_eval else None, min_gain
+        )
     decision = {
         "promotion_id": promotion_id,
         "airflow_run_id": airflow_run_id,
@@ -76,5 +81,10 @@ def promote_best(
     with catalog.begin() as conn:
         catalog.upsert("promotions", [decision], ["promotion_id"], conn)
         if promoted:
-            catalog.upsert("model_aliases", [{"alias": CHAMPION, "model_version": best["model_version"]}], ["alias"], conn)
+            catalog.upsert(
+                "model_aliases",
+                [{"alias": CHAMPION, "model_version": best["model_version"]}],
+                ["alias"],
+                conn,
+            )
     return decision

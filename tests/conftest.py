@@ -6,6 +6,7 @@ Nothing here is mocked: the store is `weed mini` over HTTP, the catalog is Postg
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 import uuid
@@ -110,7 +111,7 @@ def export_env(monkeypatch: pytest.MonkeyPatch, settings: Settings) -> None:
             continue
         if hasattr(value, "get_secret_value"):
             value = value.get_secret_value()
-        if isinstance(value, tuple):
-            value = '["' + '","'.join(value) + '"]'
+        if isinstance(value, tuple | list | dict):
+            value = json.dumps(value, default=str)
         monkeypatch.setenv(f"MMPIPE_{name.upper()}", str(value))
     monkeypatch.setenv("MMPIPE_DATABASE_URL", settings.db_url)

@@ -1,0 +1,136 @@
+"""``mmpipe bench ingest``: mmpipe's ingest against a naive sequential loop, measured in one process.
+
+Both sides get the same synthetic DICOM objects, each in a fresh bucket of one throw-away embedded
+store (SeaweedFS) on this machine. The naive loop is what a first script does: list, then for each
+object get -> ``dcmread`` -> ``pixel_array`` -> min-max scale -> resize -> put one file per image.
+mmpipe's side is the real :func:`mmpipe.ingest.run` (catalog on the embedded SQLite default), whose
+figure includes everything the naive loop skips (pseudonyms, dedupe, quarantine, catalog rows).
+A second run with nothing new measures the cost of an idle nightly run. The last line printed is
+one JSON object with the figures.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import tempfile
+import time
+import uuid
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pydicom
+from PIL import Image
+
+from mmpipe import embedded, ingest, synth
+from mmpipe.catalog import open_catalog, upgrade
+from mmpipe.config import Settings, get_settings
+from mmpipe.errors import ConfigError, MmpipeError
+from mmpipe.store import Store, open_store
+
+SOURCE_SIZE = 64  # side of the synthetic DICOM images
+CANONICAL_SIZE = 64  # side both sides resize to
+PREFIX = ingest.TRAINING_PREFIX
+
+
+def export_key(synth_key: str) -> str:
+    """``<class>/SYN-0-00012/0003.dcm`` under an opaque export folder, as ingest's PHI convention asks."""
+    label, folder, name = synth_key.split("/")
+    return f"{PREFIX}{label}/X{hashlib.sha256(folder.encode()).hexdigest()[:12]}/{name}"
+
+
+def naive_ingest(store: Store, prefix: str, size: int) -> int:
+    """The baseline: one object at a time, one output file per image."""
+    done = 0
+    for obj in list(store.list(prefix)):
+        ds = pydicom.dcmread(io.BytesIO(store.get(obj.key)))
+        pixels = ds.pixel_array.astype(np.float32)
+        lo, hi = float(pixels.min()), float(pixels.max())
+        scaled = ((pixels - lo) * (255.0 / max(hi - lo, 1e-6))).astype(np.uint8)
+        resized = np.asarray(Image.fromarray(scaled).resize((size, size), Image.Resampling.BILINEAR))
+        buffer = io.BytesIO()
+        np.save(buffer, resized)
+        store.put(f"naive/{obj.key}.npy", buffer.getvalue())
+        done += 1
+    return done
+
+
+def _timed(fn: Callable[[], Any]) -> tuple[Any, float]:
+    started = time.perf_counter()
+    result = fn()
+    return result, time.perf_counter() - started
+
+
+def _settings(home: Path, endpoint: str) -> Settings:
+    return get_settings(
+        home=home,
+        s3_endpoint_url=endpoint,
+        s3_bucket=f"bench-{uuid.uuid4().hex[:12]}",
+        s3_access_key_id="bench",
+        s3_secret_access_key="bench-secret",
+        database_url=f"sqlite:///{home / 'catalog.db'}",
+        pseudonym_salt="bench-salt-not-secret",
+        image_size=CANONICAL_SIZE,
+    )
+
+
+def bench_ingest(objects: int, workdir: Path) -> dict[str, Any]:
+    if objects < 1:
+        raise ConfigError(f"--objects must be at least 1, got {objects}")
+    server = embedded.start(workdir / "store")
+    try:
+        print(f"generating {objects} synthetic DICOM objects ({SOURCE_SIZE} px)...", flush=True)
+        corpus = list(synth.generate(objects, size=SOURCE_SIZE, formats={"dicom": 1.0}, archive_fraction=0))
+        sides = {}
+        for side in ("naive", "mmpipe"):
+            settings = _settings(workdir / side, server.endpoint)
+            store = open_store(settings)
+            store.ensure_bucket()
+            with ThreadPoolExecutor(8) as pool:
+                list(pool.map(lambda o, s=store: s.put(export_key(o.key), o.body), corpus))
+            sides[side] = (settings, store)
+
+        _, naive_store = sides["naive"]
+        done, naive_s = _timed(lambda: naive_ingest(naive_store, PREFIX, CANONICAL_SIZE))
+        print(f"naive sequential loop: {done} objects in {naive_s:.1f} s = {done / naive_s:.1f} objects/s")
+
+        settings, store = sides["mmpipe"]
+        catalog = open_catalog(settings)
+        upgrade(catalog)
+        first, mmpipe_s = _timed(lambda: ingest.run(settings, store, catalog, "bench-first"))
+        if first["images"] != objects:
+            raise MmpipeError(f"bench corpus not fully ingested: {json.dumps(first)}")
+        print(
+            f"mmpipe ingest ({ingest.decode_processes(settings)} decode processes): {first['new_objects']} "
+            f"objects in {mmpipe_s:.1f} s = {objects / mmpipe_s:.1f} objects/s"
+        )
+        rerun, rerun_s = _timed(lambda: ingest.run(settings, store, catalog, "bench-rerun"))
+        print(f"rerun with nothing new: {rerun['new_objects']} objects in {rerun_s:.2f} s")
+        catalog.dispose()
+    finally:
+        embedded.stop(server)
+    mmpipe_rate, naive_rate = objects / mmpipe_s, done / naive_s
+    return {
+        "bench": "ingest",
+        "objects": objects,
+        "mmpipe_per_s": round(mmpipe_rate, 2),
+        "naive_per_s": round(naive_rate, 2),
+        "speedup": round(mmpipe_rate / naive_rate, 2),
+        "rerun_fraction": round(rerun_s / mmpipe_s, 4),
+    }
+
+
+def run(what: str, objects: int = 2000) -> dict[str, Any]:
+    """Run benchmark ``what`` ("ingest"), print its figures and a final JSON line, return the figures."""
+    if what != "ingest":
+        raise ConfigError(f"unknown benchmark {what!r}; available: ingest")
+    logging.getLogger("mmpipe.ingest").setLevel(logging.WARNING)  # per-batch progress would drown the figures
+    with tempfile.TemporaryDirectory(prefix="mmpipe-bench-") as tmp:
+        figures = bench_ingest(objects, Path(tmp))
+    print(json.dumps(figures))
+    return figures
