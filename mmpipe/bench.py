@@ -11,7 +11,6 @@ one JSON object with the figures.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import logging
@@ -36,12 +35,6 @@ from mmpipe.store import Store, open_store
 SOURCE_SIZE = 64  # side of the synthetic DICOM images
 CANONICAL_SIZE = 64  # side both sides resize to
 PREFIX = ingest.TRAINING_PREFIX
-
-
-def export_key(synth_key: str) -> str:
-    """``<class>/SYN-0-00012/0003.dcm`` under an opaque export folder, as ingest's PHI convention asks."""
-    label, folder, name = synth_key.split("/")
-    return f"{PREFIX}{label}/X{hashlib.sha256(folder.encode()).hexdigest()[:12]}/{name}"
 
 
 def naive_ingest(store: Store, prefix: str, size: int) -> int:
@@ -92,7 +85,7 @@ def bench_ingest(objects: int, workdir: Path) -> dict[str, Any]:
             store = open_store(settings)
             store.ensure_bucket()
             with ThreadPoolExecutor(8) as pool:
-                list(pool.map(lambda o, s=store: s.put(export_key(o.key), o.body), corpus))
+                list(pool.map(lambda o, s=store: s.put(PREFIX + o.key, o.body), corpus))
             sides[side] = (settings, store)
 
         _, naive_store = sides["naive"]

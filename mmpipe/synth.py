@@ -14,6 +14,7 @@ installation: Pillow's PNG/JPEG encoders and pydicom's file meta may change betw
 from __future__ import annotations
 
 import functools
+import hashlib
 import io
 import zipfile
 from collections.abc import Callable, Iterator
@@ -762,6 +763,8 @@ def _patient_objects(
 ) -> Iterator[SynthObject]:
     rng = np.random.default_rng([seed, 1, index])
     patient_id = f"SYN-{seed}-{index:05d}"
+    # Export folders are opaque ids, as hospital exports should be: keys never carry the PatientID.
+    folder = "EXP" + hashlib.sha256(f"mmpipe-synth-{seed}-{index}".encode()).hexdigest()[:10]
     fmt = str(rng.choice(list(format_p), p=list(format_p.values())))
     archived = rng.random() < archive_fraction
     phi = _fake_phi(rng, label, index)
@@ -800,6 +803,6 @@ def _patient_objects(
         if archived:
             members.append((f"STUDY0001/SERIES0001/IMG{name}", body))
         else:
-            yield SynthObject(f"{label}/{patient_id}/{name}", body, label, patient_id, fmt)
+            yield SynthObject(f"{label}/{folder}/{name}", body, label, patient_id, fmt)
     if archived:
-        yield SynthObject(f"{label}/{patient_id}.zip", _zip(members), label, patient_id, "zip")
+        yield SynthObject(f"{label}/{folder}.zip", _zip(members), label, patient_id, "zip")

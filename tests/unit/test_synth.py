@@ -235,13 +235,17 @@ def test_class_proportions_and_patient_sizes(objects, images):
     per_patient = Counter(im.patient_id for im in images)
     assert all(2 <= n <= 4 for n in per_patient.values())
     assert len({(o.patient_id, o.label) for o in objects}) == len(per_patient)  # one class per patient
+    folders = {}
     for obj in objects:
         pattern = (
-            rf"{obj.label}/{obj.patient_id}\.zip"
+            rf"{obj.label}/EXP[0-9a-f]{{10}}\.zip"
             if obj.kind == "zip"
-            else rf"{obj.label}/{obj.patient_id}/\d{{4}}\.(dcm|png|jpg)"
+            else rf"{obj.label}/EXP[0-9a-f]{{10}}/\d{{4}}\.(dcm|png|jpg)"
         )
         assert re.fullmatch(pattern, obj.key), obj.key
+        assert obj.patient_id not in obj.key  # keys are stored verbatim downstream: no PHI in them
+        folders.setdefault(obj.key.split("/")[1].removesuffix(".zip"), set()).add(obj.patient_id)
+    assert all(len(patients) == 1 for patients in folders.values())  # one export folder per patient
 
 
 def test_zip_archives_hold_a_patients_dicom_in_nested_folders(objects):
