@@ -22,8 +22,11 @@ from mmpipe import embedded
 from mmpipe.config import get_settings
 from mmpipe.errors import MmpipeError
 from mmpipe.store import open_store
+from mmpipe.synth import generate
 
 REPO = Path(__file__).resolve().parents[1]
+INCOMING_SEED = 7
+INCOMING_ARCHIVES = 0.5
 
 
 @dataclass(frozen=True)
@@ -98,8 +101,8 @@ def _dag_state(dag_id: str, env: dict[str, str]) -> str:
         text=True,
         check=False,
     ).stdout
-    start = out.find("[")
-    runs = json.loads(out[start:]) if start >= 0 else []
+    listing = [line for line in out.splitlines() if line.startswith(("[{", "[]"))]
+    runs = json.loads(listing[-1]) if listing else []
     return runs[0]["state"] if runs else "missing"
 
 
@@ -136,11 +139,11 @@ def run_demo(profile: str = "demo") -> None:
             "--images",
             str(spec.incoming_images),
             "--seed",
-            "7",
+            str(INCOMING_SEED),
             "--prefix",
             "incoming/",
             "--archive-fraction",
-            "0.5",
+            str(INCOMING_ARCHIVES),
         ],
         env,
         log_file,
@@ -157,14 +160,14 @@ def run_demo(profile: str = "demo") -> None:
     )
     _run([*airflow_test, "mmpipe_score"], env, log_file, "DAG mmpipe_score")
     states = {d: _dag_state(d, env) for d in ("mmpipe_ingest", "mmpipe_retrain", "mmpipe_score")}
-    show_results(env, states, time.monotonic() - started)
+    show_results(env, states, time.monotonic() - started, spec)
     if server is not None:
         print(f"(embedded store left running at {server.endpoint}; stop it with `mmpipe store serve --stop`)")
     if any(state != "success" for state in states.values()):
         raise MmpipeError(f"a DAG run did not succeed: {states}; see {log_file}")
 
 
-def show_results(env: dict[str, str], states: dict[str, str], seconds: float) -> None:
+def show_results(env: dict[str, str], states: dict[str, str], seconds: float, spec: Profile) -> None:
     from mmpipe.cli import format_leaderboard
 
     os.environ.update({k: v for k, v in env.items() if k.startswith("MMPIPE_")})
@@ -179,13 +182,23 @@ def show_results(env: dict[str, str], states: dict[str, str], seconds: float) ->
     )
     if decision:
         print(f"\npromotion: {decision[0]['decision']} {decision[0]['challenger']} ({decision[0]['reason']})")
-    print("\nsample of tags written back to incoming/ objects:")
-    for obj in list(store.list("incoming/"))[:8]:
-        tags = store.get_tags(obj.key)
-        print(
-            f"  {obj.key:<48} "
-            + " ".join(f"{k.removeprefix('mmpipe-')}={v}" for k, v in sorted(tags.items()))
+    # The demo knows what it generated, so it can say how the tags compare with the truth.
+    truth = {
+        "incoming/" + o.key.split("/", 1)[1]: o.label
+        for o in generate(
+            spec.incoming_images, size=128, seed=INCOMING_SEED, archive_fraction=INCOMING_ARCHIVES
         )
+    }
+    tagged = {o.key: store.get_tags(o.key) for o in store.list("incoming/")}
+    right = sum(tags.get("mmpipe-modality") == truth.get(key) for key, tags in tagged.items())
+    print(
+        f"\ntags written back to incoming/: {right}/{len(tagged)} objects tagged with their true modality; sample:"
+    )
+    for key, tags in list(tagged.items())[:8]:
+        shown = " ".join(
+            f"{k.removeprefix('mmpipe-')}={v}" for k, v in sorted(tags.items()) if k != "mmpipe-model"
+        )
+        print(f"  {key:<40} {shown}  (truth: {truth.get(key, '?')})")
     counts = catalog.query(
         "SELECT (SELECT count(*) FROM images WHERE status = 'active') AS images, "
         "(SELECT count(*) FROM quarantine) AS quarantined, (SELECT count(*) FROM predictions) AS predictions"
