@@ -11,28 +11,15 @@ A rerun with nothing new does nothing.
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta
-
-from airflow.sdk import Asset, Param, dag, task
-
-CURATED = Asset(name="mmpipe_curated_images", uri="mmpipe://curated-images")
+from airflow.sdk import dag, task
+from mmpipe_airflow.dag_defaults import CURATED, batch_params, dag_defaults
 
 
 @dag(
     dag_id="mmpipe_ingest",
     schedule="0 1 * * *",
-    start_date=datetime(2026, 1, 1),
-    catchup=False,
-    max_active_runs=1,
-    doc_md=__doc__,
-    tags=["mmpipe", "ingest"],
-    default_args={"retries": 2, "retry_delay": timedelta(minutes=2), "owner": "mmpipe"},
-    params={
-        "prefix": Param("training/", type="string", description="Store prefix to ingest from"),
-        "batch_size": Param(
-            200, type="integer", minimum=1, maximum=5000, description="Objects per mapped task"
-        ),
-    },
+    **dag_defaults(__doc__, "ingest", retries=2, retry_minutes=2),
+    params=batch_params("training/", 200, "ingest from"),
 )
 def mmpipe_ingest():
     @task

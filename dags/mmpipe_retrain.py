@@ -19,15 +19,13 @@ mode, balance target, weighted/focal loss, a new test snapshot).
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta
-
-from airflow.sdk import Asset, Param, dag, task
+from airflow.sdk import Param, dag, task
 from airflow.sdk.exceptions import AirflowSkipException
+from mmpipe_airflow.dag_defaults import CHAMPION, dag_defaults
 from mmpipe_airflow.training import TrainCandidateOperator
 
 from mmpipe.config import get_settings
 
-CHAMPION = Asset(name="mmpipe_champion", uri="mmpipe://champion-model")
 BACKBONES = [
     "resnet18",
     "vgg16",
@@ -44,12 +42,7 @@ settings = get_settings()  # typed env only: no DB or network at parse time
 @dag(
     dag_id="mmpipe_retrain",
     schedule="0 2 * * *",
-    start_date=datetime(2026, 1, 1),
-    catchup=False,
-    max_active_runs=1,
-    doc_md=__doc__,
-    tags=["mmpipe", "training"],
-    default_args={"retries": 1, "retry_delay": timedelta(minutes=5), "owner": "mmpipe"},
+    **dag_defaults(__doc__, "training", retries=1, retry_minutes=5),
     params={
         "backbones": Param(["resnet18", "mobilenetv2", "efficientnet_b0"], type="array",
                            items={"type": "string", "enum": BACKBONES}, description="One candidate per backbone"),

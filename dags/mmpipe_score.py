@@ -10,11 +10,8 @@ Low-confidence or inconsistent archives are tagged `mmpipe-review=yes` for a hum
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta
-
-from airflow.sdk import Asset, AssetOrTimeSchedule, CronTriggerTimetable, Param, dag, task
-
-CHAMPION = Asset(name="mmpipe_champion", uri="mmpipe://champion-model")
+from airflow.sdk import AssetOrTimeSchedule, CronTriggerTimetable, dag, task
+from mmpipe_airflow.dag_defaults import CHAMPION, batch_params, dag_defaults
 
 
 @dag(
@@ -22,18 +19,8 @@ CHAMPION = Asset(name="mmpipe_champion", uri="mmpipe://champion-model")
     schedule=AssetOrTimeSchedule(
         timetable=CronTriggerTimetable("30 * * * *", timezone="UTC"), assets=[CHAMPION]
     ),
-    start_date=datetime(2026, 1, 1),
-    catchup=False,
-    max_active_runs=1,
-    doc_md=__doc__,
-    tags=["mmpipe", "scoring"],
-    default_args={"retries": 2, "retry_delay": timedelta(minutes=2), "owner": "mmpipe"},
-    params={
-        "prefix": Param("incoming/", type="string", description="Store prefix to score"),
-        "batch_size": Param(
-            100, type="integer", minimum=1, maximum=5000, description="Objects per mapped task"
-        ),
-    },
+    **dag_defaults(__doc__, "scoring", retries=2, retry_minutes=2),
+    params=batch_params("incoming/", 100, "score"),
 )
 def mmpipe_score():
     @task

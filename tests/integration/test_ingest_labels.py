@@ -7,12 +7,10 @@ import io
 import json
 import zipfile
 
-import numpy as np
 import pytest
-from pydicom.dataset import Dataset
-from pydicom.uid import CTImageStorage, generate_uid
 
 from mmpipe import ingest
+from tests.dicom_factory import dicom_bytes
 
 pytestmark = pytest.mark.integration
 
@@ -24,19 +22,13 @@ RULES = [
 
 
 def dicom(seed: int, modality: str = "MR", body_part: str = "", description: str = "") -> bytes:
-    ds = Dataset()
-    ds.SOPClassUID, ds.SOPInstanceUID, ds.StudyInstanceUID = CTImageStorage, generate_uid(), generate_uid()
-    ds.Modality, ds.PatientID = modality, f"PID{seed:04d}"
-    if body_part:
-        ds.BodyPartExamined = body_part
-    if description:
-        ds.StudyDescription = description
-    ds.set_pixel_data(
-        np.random.default_rng(seed).integers(0, 3000, (32, 32)).astype(np.uint16), "MONOCHROME2", 16
+    return dicom_bytes(
+        seed,
+        Modality=modality,
+        PatientID=f"PID{seed:04d}",
+        BodyPartExamined=body_part,
+        StudyDescription=description,
     )
-    buffer = io.BytesIO()
-    ds.save_as(buffer, enforce_file_format=True)
-    return buffer.getvalue()
 
 
 def archive(members: dict[str, bytes]) -> bytes:

@@ -10,14 +10,14 @@ import zipfile
 import numpy as np
 import pytest
 from PIL import Image
-from pydicom.dataset import Dataset
-from pydicom.uid import SecondaryCaptureImageStorage, generate_uid
+from pydicom.uid import SecondaryCaptureImageStorage
 
 from mmpipe.config import CLASSES, get_settings
 from mmpipe.imaging import Limits
 from mmpipe.ingest import batch_id, decode_processes, expand, like_prefix, process_object, run_slug
 from mmpipe.labels import Labeler, Manifest
 from mmpipe.store import ObjectInfo
+from tests.dicom_factory import dicom_bytes
 
 LIMITS = Limits(
     max_object_bytes=2**20,
@@ -39,19 +39,16 @@ def make_zip(members: list[tuple[str, bytes]], stored: bool = False) -> bytes:
 
 
 def dicom(seed: int, patient: str | None = "MRN-0042", accession: str = "") -> bytes:
-    ds = Dataset()
-    ds.SOPClassUID, ds.SOPInstanceUID = SecondaryCaptureImageStorage, generate_uid()
-    ds.StudyInstanceUID, ds.Modality = "1.2.3.4", "OT"
-    if patient:
-        ds.PatientID = patient
-    if accession:
-        ds.AccessionNumber = accession
-    ds.set_pixel_data(
-        np.random.default_rng(seed).integers(0, 999, (24, 24)).astype(np.uint16), "MONOCHROME2", 16
+    return dicom_bytes(
+        seed,
+        side=24,
+        high=999,
+        sop_class=SecondaryCaptureImageStorage,
+        StudyInstanceUID="1.2.3.4",
+        Modality="OT",
+        PatientID=patient or "",
+        AccessionNumber=accession,
     )
-    buffer = io.BytesIO()
-    ds.save_as(buffer, enforce_file_format=True)
-    return buffer.getvalue()
 
 
 def png(seed: int) -> bytes:
