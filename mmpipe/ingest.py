@@ -87,7 +87,10 @@ _IN_CHUNK = 500
 SUPERSEDE_SOURCES = sa.text(
     "UPDATE source_objects SET status = 'superseded' WHERE source_key = :k AND etag <> :e"
 )
-FORGET_QUARANTINE = sa.text("DELETE FROM quarantine WHERE source_key = :k AND source_etag = :e")
+QUARANTINED_MEMBERS = sa.text("SELECT member_path FROM quarantine WHERE source_key = :k AND source_etag = :e")
+FORGET_QUARANTINE = sa.text(
+    "DELETE FROM quarantine WHERE source_key = :k AND source_etag = :e AND member_path = :m"
+)
 FORGET_DUPLICATES = sa.text("DELETE FROM duplicates WHERE source_key = :k AND source_etag = :e")
 RETIRE = sa.text("UPDATE images SET status = 'retired', status_reason = 'superseded' WHERE image_id = :i")
 HEIRS = sa.text(
@@ -611,7 +614,7 @@ def record_outcomes(
             conn.execute(sa.text("SELECT pg_advisory_xact_lock(:n)"), {"n": _LOCK})
         # on SQLite this first write takes the database write lock for the rest of the transaction
         conn.execute(SUPERSEDE_SOURCES, versions)
-        conn.execute(FORGET_QUARANTINE, versions)
+        _forget_stale_quarantine(conn, versions, quarantine_rows)
         conn.execute(FORGET_DUPLICATES, versions)
         late = _stored_labels(conn, list(fresh), batch_keys)  # committed meanwhile by a concurrent batch
         for image_id, label in late.items():
@@ -651,6 +654,22 @@ def record_outcomes(
             result["identifier_keys"],
         )
     return result
+
+
+def _forget_stale_quarantine(
+    conn: Connection, versions: list[dict[str, str]], rows: list[dict[str, Any]]
+) -> None:
+    """Drop quarantine rows this batch no longer produces (e.g. now labelled), keeping the rest as
+    they were: a retried batch must leave its records, timestamps included, untouched."""
+    kept = {(q["source_key"], q["source_etag"], q["member_path"]) for q in rows}
+    stale = [
+        v | {"m": member}
+        for v in versions
+        for (member,) in conn.execute(QUARANTINED_MEMBERS, v)
+        if (v["k"], v["e"], member) not in kept
+    ]
+    if stale:
+        conn.execute(FORGET_QUARANTINE, stale)
 
 
 def _write_quarantine_records(
