@@ -22,7 +22,7 @@ from __future__ import annotations
 from airflow.sdk import Param, dag, task
 from airflow.sdk.exceptions import AirflowSkipException
 from mmpipe_airflow.dag_defaults import CHAMPION, dag_defaults
-from mmpipe_airflow.training import TrainCandidateOperator
+from mmpipe_airflow.training import training_operator
 
 from mmpipe.config import get_settings
 
@@ -115,14 +115,8 @@ def mmpipe_retrain():
         return decision
 
     prepared = prepare_dataset()
-    trained = TrainCandidateOperator.partial(
-        task_id="train",
-        backend=settings.training_backend,
-        namespace=settings.k8s_namespace,
-        image=settings.k8s_trainer_image,
-        gpu_count=settings.k8s_gpu_count,
-        service_account=settings.k8s_service_account,
-        max_active_tis_per_dagrun=1 if settings.training_backend == "local" else 8,
+    trained = training_operator(
+        settings, task_id="train", max_active_tis_per_dagrun=1 if settings.training_backend == "local" else 8
     ).expand_kwargs(candidates(prepared))
     evaluations = evaluate.partial(prepared=prepared).expand(trained=trained.output)
     evaluate_champion(prepared) >> promote(evaluations, prepared)
