@@ -394,7 +394,7 @@ def _fetch_and_process(store: Store, context: _Context, obj: ObjectInfo) -> Outc
     if obj.size == 0:
         return _quarantined(obj, Reason.EMPTY, "zero-byte object")
     try:
-        data = store.get(obj.key)
+        data = store.fetch(obj.key)
     except StoreError:
         if store.head(obj.key) is not None:
             raise  # the store failed, not the object: let the task retry

@@ -87,7 +87,7 @@ def _fetch(store: Store, settings: Settings, card: modelcard.ModelCard, obj: Obj
             raise Rejected(Reason.TOO_LARGE, f"object is {obj.size} bytes")
         if obj.size == 0:
             raise Rejected(Reason.EMPTY, "zero-byte object")
-        return obj, *decode_members(store.get(obj.key), obj.key, card.canonical_size, limits)
+        return obj, *decode_members(store.fetch(obj.key), obj.key, card.canonical_size, limits)
     except Rejected as exc:
         return obj, [], [("", str(exc.reason), exc.detail)]
 

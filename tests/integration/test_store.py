@@ -59,3 +59,13 @@ def test_uri_helpers(ready) -> None:
         store.key_of("s3://another-bucket/key")
     with pytest.raises(StoreError):
         split_uri("/local/path")
+
+
+def test_fetch_reads_what_get_reads_and_fails_clearly(ready) -> None:
+    _, store, _ = ready()
+    body = bytes(range(256)) * 40
+    store.put("training/x/a b+c.dcm", body)  # a key that needs URL quoting
+    assert store.fetch("training/x/a b+c.dcm") == store.get("training/x/a b+c.dcm") == body
+    with pytest.raises(StoreError, match="HTTP 404"):
+        store.fetch("training/x/missing.dcm")
+
