@@ -68,4 +68,3 @@ def test_fetch_reads_what_get_reads_and_fails_clearly(ready) -> None:
     assert store.fetch("training/x/a b+c.dcm") == store.get("training/x/a b+c.dcm") == body
     with pytest.raises(StoreError, match="HTTP 404"):
         store.fetch("training/x/missing.dcm")
-
