@@ -165,21 +165,16 @@ def validate_batch(rows: pd.DataFrame, rules: BatchRules) -> ValidationReport:
             column="label",
             value_set=list(rules.classes),
         ),
-        _expect(
-            gxe.ExpectColumnValuesToBeBetween,
-            "rows_in_range",
-            crit,
-            column="orig_rows",
-            min_value=rules.min_side,
-            max_value=rules.max_side,
-        ),
-        _expect(
-            gxe.ExpectColumnValuesToBeBetween,
-            "cols_in_range",
-            crit,
-            column="orig_cols",
-            min_value=rules.min_side,
-            max_value=rules.max_side,
+        *(
+            _expect(
+                gxe.ExpectColumnValuesToBeBetween,
+                f"{side}_in_range",
+                crit,
+                column=f"orig_{side}",
+                min_value=rules.min_side,
+                max_value=rules.max_side,
+            )
+            for side in ("rows", "cols")
         ),
         _expect(
             gxe.ExpectColumnValuesToBeInSet,
