@@ -41,14 +41,17 @@ def current_champion(catalog: Catalog) -> tuple[str, str]:
 
 
 def list_unscored(store: Store, catalog: Catalog, prefix: str, model_version: str) -> list[ObjectInfo]:
+    """Objects this model has not scored in their current version (key, ETag and LastModified: an
+    identical re-upload keeps the ETag but loses its tags, so it is scored and tagged again)."""
     done = {
-        (r["source_key"], r["source_etag"])
+        (r["source_key"], r["source_etag"], r["source_modified"])
         for table in ("predictions", "score_failures")
         for r in catalog.query(
-            f"SELECT DISTINCT source_key, source_etag FROM {table} WHERE model_version = :m", m=model_version
+            f"SELECT DISTINCT source_key, source_etag, source_modified FROM {table} WHERE model_version = :m",
+            m=model_version,
         )
     }
-    return [o for o in store.list(prefix) if (o.key, o.etag) not in done]
+    return [o for o in store.list(prefix) if (o.key, o.etag, o.modified) not in done]
 
 
 def decode_members(data: bytes, name: str, size: int, limits: Limits) -> tuple[list, list]:
@@ -112,6 +115,7 @@ def score_objects(
         base = {
             "source_key": obj.key,
             "source_etag": obj.etag,
+            "source_modified": obj.modified,
             "model_version": model_version,
             "run_id": run_id,
         }

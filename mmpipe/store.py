@@ -40,6 +40,7 @@ class ObjectInfo:
     key: str
     etag: str
     size: int
+    modified: str = ""  # LastModified exactly as the store reports it (compared, never parsed)
 
 
 def uri(bucket: str, key: str) -> str:
@@ -132,7 +133,9 @@ class Store:
         )
         for page in pages:
             for item in page.get("Contents", []):
-                yield ObjectInfo(item["Key"], item["ETag"].strip('"'), item["Size"])
+                yield ObjectInfo(
+                    item["Key"], item["ETag"].strip('"'), item["Size"], str(item.get("LastModified", ""))
+                )
 
     def get(self, key: str) -> bytes:
         return self._call("get " + key, self._client.get_object, Bucket=self.bucket, Key=key)["Body"].read()
