@@ -106,13 +106,9 @@ def evaluate_model(model_version: str, snapshot: str) -> dict[str, Any]:
 
 
 def promote_best(model_versions: Sequence[str], snapshot: str, run_id: str) -> dict[str, Any]:
-    """Evaluate the champion on the snapshot if it has not been yet, then apply the gate."""
+    """Make sure the champion is measured on the snapshot (a no-op when it is), then apply the gate."""
     settings, store, catalog = connect()
-    current = promote.champion(catalog)
-    if current and not catalog.scalar(
-        "SELECT 1 FROM evaluations WHERE model_version = :m AND test_snapshot = :s", m=current, s=snapshot
-    ):
-        evaluate.evaluate_model(settings, store, catalog, current, snapshot)
+    evaluate.evaluate_champion(settings, store, catalog, snapshot, reason=f"before promotion in {run_id}")
     return promote.promote_best(catalog, model_versions, snapshot, run_id, settings.promotion_min_gain)
 
 

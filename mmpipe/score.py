@@ -16,12 +16,11 @@ from typing import Any
 import numpy as np
 
 from mmpipe import modelcard
-from mmpipe.archives import iter_members
 from mmpipe.catalog import Catalog
 from mmpipe.config import Settings
 from mmpipe.errors import MmpipeError
-from mmpipe.imaging import Limits, Reason, Rejected, decode_image, sniff
-from mmpipe.ingest import ARCHIVE_KINDS
+from mmpipe.imaging import Limits, Reason, Rejected, decode_image
+from mmpipe.ingest import expand
 from mmpipe.promote import champion
 from mmpipe.store import ObjectInfo, Store
 
@@ -55,14 +54,11 @@ def list_unscored(store: Store, catalog: Catalog, prefix: str, model_version: st
 
 
 def decode_members(data: bytes, name: str, size: int, limits: Limits) -> tuple[list, list]:
-    """All images in an object (archives expanded one level deep): ([(path, pixels)], [(path, reason, detail)])."""
-    images, failures = [], []
-    members = (
-        [(m, b) for m, b in iter_members(data, name, limits)]
-        if sniff(data, name) in ARCHIVE_KINDS
-        else [("", data)]
-    )
-    for path, body in members:
+    """All images in an object, archives expanded as ingest expands them:
+    ([(path, pixels)], [(path, reason, detail)])."""
+    leaves, rejected = expand(name, data, limits)
+    images, failures = [], [(r["member_path"], r["reason"], r["detail"]) for r in rejected]
+    for path, body in leaves:
         try:
             images.append((path, decode_image(body, path or name, size, limits).pixels))
         except Rejected as exc:
