@@ -20,6 +20,7 @@ from mmpipe.config import Settings
 from mmpipe.errors import CatalogError
 
 SQL_DIR = Path(__file__).resolve().parents[1] / "sql"
+IN_CHUNK = 500  # bound parameters per IN (...) list, well under SQLite's and PostgreSQL's limits
 _MIGRATION = re.compile(r"^(\d{3})_[a-z0-9_]+\.sql$")
 
 
@@ -75,6 +76,10 @@ class Catalog:
         with self.begin() as conn:
             return [dict(row._mapping) for row in conn.execute(sa.text(sql), params)]
 
+    def query_in(self, sql: str, values: Iterable[str]) -> list[dict[str, Any]]:
+        with self.begin() as conn:
+            return select_in(conn, sql, values)
+
     def scalar(self, sql: str, **params: Any) -> Any:
         with self.begin() as conn:
             return conn.execute(sa.text(sql), params).scalar()
@@ -105,6 +110,16 @@ class Catalog:
 
     def dispose(self) -> None:
         self.engine.dispose()
+
+
+def select_in(conn: Connection, sql: str, values: Iterable[str]) -> list[dict[str, Any]]:
+    """Rows of ``sql`` (with an ``{in}`` placeholder) for ``values``, in chunks of bound parameters."""
+    values, rows = list(values), []
+    for start in range(0, len(values), IN_CHUNK):
+        names = {f"v{n}": v for n, v in enumerate(values[start : start + IN_CHUNK])}
+        in_list = ", ".join(":" + k for k in names)
+        rows += [dict(r._mapping) for r in conn.execute(sa.text(sql.format(**{"in": in_list})), names)]
+    return rows
 
 
 def upsert_sql(table: str, columns: Sequence[str], keys: Sequence[str], update: bool = True) -> str:

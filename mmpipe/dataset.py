@@ -261,9 +261,8 @@ def prepare_dataset(
 def _lineage_refs(catalog: Catalog, plan: dict, members: list[dict], dataset_validation: str) -> dict:
     used = {e["image_id"] for e in plan["train"] + plan["val"]}
     runs = sorted({m["ingest_run_id"] for m in members if m["image_id"] in used})
-    batch = _select_in(
-        catalog,
-        "SELECT validation_id FROM validations WHERE suite = 'batch' AND subject",
+    batch = catalog.query_in(
+        "SELECT validation_id FROM validations WHERE suite = 'batch' AND subject IN ({in})",
         [f"ingest:{r}" for r in runs],
     )
     return {
@@ -271,15 +270,6 @@ def _lineage_refs(catalog: Catalog, plan: dict, members: list[dict], dataset_val
         "batch_validation": sorted(r["validation_id"] for r in batch),
         "dataset_validation": [dataset_validation],
     }
-
-
-def _select_in(catalog: Catalog, sql: str, values: list[str]) -> list[dict]:
-    """``sql`` ending in a column, completed with ``IN (...)`` over ``values`` in chunks."""
-    out: list[dict] = []
-    for start in range(0, len(values), 500):
-        names = {f"v{n}": v for n, v in enumerate(values[start : start + 500])}
-        out += catalog.query(f"{sql} IN ({', '.join(':' + k for k in names)})", **names)
-    return out
 
 
 def freeze_test(
@@ -309,23 +299,21 @@ def lineage(store: Store, catalog: Catalog, dataset_version: str) -> dict[str, A
         v=dataset_version,
     ):
         refs.setdefault(r["kind"], []).append(r["ref"])
-    validations = _select_in(
-        catalog,
+    validations = catalog.query_in(
         "SELECT validation_id, subject, suite, success, n_critical, n_warnings, docs_uri, created_at "
-        "FROM validations WHERE validation_id",
+        "FROM validations WHERE validation_id IN ({in})",
         refs.get("batch_validation", []) + refs.get("dataset_validation", []),
     )
-    ingest_runs = _select_in(
-        catalog,
+    ingest_runs = catalog.query_in(
         "SELECT run_id, prefix, status, images, report_uri, validation_report_uri, finished_at FROM ingest_runs "
-        "WHERE run_id",
+        "WHERE run_id IN ({in})",
         refs.get("ingest_run", []),
     )
     plan = store.get_json(store.key_of(found[0]["plan_uri"]))
     used = Counter(e["image_id"] for e in plan["train"] + plan["val"])
     sources: dict[tuple[str, str], dict[str, Any]] = {}
-    images = _select_in(
-        catalog, "SELECT source_key, source_etag, ingest_run_id FROM images WHERE image_id", sorted(used)
+    images = catalog.query_in(
+        "SELECT source_key, source_etag, ingest_run_id FROM images WHERE image_id IN ({in})", sorted(used)
     )
     for image in images:
         source = sources.setdefault(

@@ -55,7 +55,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from mmpipe.archives import iter_members
-from mmpipe.catalog import Catalog
+from mmpipe.catalog import Catalog, select_in
 from mmpipe.config import Settings
 from mmpipe.errors import MmpipeError, StoreError
 from mmpipe.imaging import Decoded, Limits, Reason, Rejected, decode_image, sniff
@@ -82,12 +82,11 @@ MIN_IDENTIFIER_CHARS = 4
 PROCESS_CHUNK = 4  # objects per task sent to a decode process
 _PR_SET_PDEATHSIG = 1
 _LOCK = 727_272  # PostgreSQL advisory lock serialising batch commits
-_IN_CHUNK = 500
 
 SUPERSEDE_SOURCES = sa.text(
     "UPDATE source_objects SET status = 'superseded' WHERE source_key = :k AND etag <> :e"
 )
-QUARANTINED_MEMBERS = sa.text("SELECT member_path FROM quarantine WHERE source_key = :k AND source_etag = :e")
+QUARANTINED_MEMBERS = "SELECT source_key, source_etag, member_path FROM quarantine WHERE source_key IN ({in})"
 FORGET_QUARANTINE = sa.text(
     "DELETE FROM quarantine WHERE source_key = :k AND source_etag = :e AND member_path = :m"
 )
@@ -532,19 +531,9 @@ def ingest_objects(
         return _record_batch(settings, store, catalog, run_id, objects, fetcher.submit(objects))
 
 
-def _select_in(conn: Connection, sql: str, values: Iterable[str]) -> list[dict[str, Any]]:
-    """Rows of ``sql`` (with an ``{in}`` placeholder) for values in chunks of bound parameters."""
-    values, rows = list(values), []
-    for start in range(0, len(values), _IN_CHUNK):
-        names = {f"v{n}": v for n, v in enumerate(values[start : start + _IN_CHUNK])}
-        in_list = ", ".join(":" + k for k in names)
-        rows += [dict(r._mapping) for r in conn.execute(sa.text(sql.format(**{"in": in_list})), names)]
-    return rows
-
-
 def _stored_labels(conn: Connection, image_ids: Iterable[str], batch_keys: set[str]) -> dict[str, str]:
     """{image_id: label} of stored images among ``image_ids``, except those the batch's own keys own."""
-    rows = _select_in(
+    rows = select_in(
         conn,
         "SELECT image_id, source_key, label FROM images WHERE status <> 'retired' AND image_id IN ({in})",
         image_ids,
@@ -558,7 +547,7 @@ def _duplicate(row: dict[str, Any], of: str) -> dict[str, Any]:
 
 def _retire_or_inherit(conn: Connection, batch_keys: set[str], produced: set[str]) -> tuple[int, int]:
     """Images the batch's keys owned but no longer produce: a current duplicate inherits each, else retired."""
-    owned = _select_in(
+    owned = select_in(
         conn, "SELECT image_id FROM images WHERE status <> 'retired' AND source_key IN ({in})", batch_keys
     )
     retired = inherited = 0
@@ -662,11 +651,12 @@ def _forget_stale_quarantine(
     """Drop quarantine rows this batch no longer produces (e.g. now labelled), keeping the rest as
     they were: a retried batch must leave its records, timestamps included, untouched."""
     kept = {(q["source_key"], q["source_etag"], q["member_path"]) for q in rows}
+    batch = {(v["k"], v["e"]) for v in versions}
     stale = [
-        v | {"m": member}
-        for v in versions
-        for (member,) in conn.execute(QUARANTINED_MEMBERS, v)
-        if (v["k"], v["e"], member) not in kept
+        {"k": r["source_key"], "e": r["source_etag"], "m": r["member_path"]}
+        for r in select_in(conn, QUARANTINED_MEMBERS, sorted(k for k, _ in batch))
+        if (r["source_key"], r["source_etag"]) in batch
+        and (r["source_key"], r["source_etag"], r["member_path"]) not in kept
     ]
     if stale:
         conn.execute(FORGET_QUARANTINE, stale)
