@@ -380,24 +380,27 @@ class _Context:
     limits: Limits
 
 
-def _quarantined(obj: ObjectInfo, reason: Reason, detail: str) -> Outcome:
-    return Outcome(obj, quarantined=[{"member_path": "", "reason": str(reason), "detail": detail}])
+def fetch_listed(store: Store, obj: ObjectInfo, limits: Limits) -> bytes:
+    """The bytes of a listed object, or Rejected when the object itself is unusable (too large, empty,
+    deleted since listing). A store failure on an object that still exists propagates: the task retries."""
+    if obj.size > limits.max_object_bytes:
+        raise Rejected(Reason.TOO_LARGE, f"object is {obj.size} bytes; limit {limits.max_object_bytes}")
+    if obj.size == 0:
+        raise Rejected(Reason.EMPTY, "zero-byte object")
+    try:
+        return store.fetch(obj.key)
+    except StoreError:
+        if store.head(obj.key) is not None:
+            raise
+        raise Rejected(Reason.EMPTY, "object was deleted after it was listed") from None
 
 
 def _fetch_and_process(store: Store, context: _Context, obj: ObjectInfo) -> Outcome:
     limits = context.limits
-    if obj.size > limits.max_object_bytes:
-        return _quarantined(
-            obj, Reason.TOO_LARGE, f"object is {obj.size} bytes; limit {limits.max_object_bytes}"
-        )
-    if obj.size == 0:
-        return _quarantined(obj, Reason.EMPTY, "zero-byte object")
     try:
-        data = store.fetch(obj.key)
-    except StoreError:
-        if store.head(obj.key) is not None:
-            raise  # the store failed, not the object: let the task retry
-        return _quarantined(obj, Reason.EMPTY, "object was deleted after it was listed")
+        data = fetch_listed(store, obj, limits)
+    except Rejected as exc:
+        return Outcome(obj, quarantined=[_rejection("", exc)])
     return process_object(
         obj, data, labeler=context.labeler, salt=context.salt, size=context.size, limits=limits
     )

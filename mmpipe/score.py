@@ -19,8 +19,8 @@ from mmpipe import modelcard
 from mmpipe.catalog import Catalog
 from mmpipe.config import Settings
 from mmpipe.errors import MmpipeError
-from mmpipe.imaging import Limits, Reason, Rejected, decode_image
-from mmpipe.ingest import expand
+from mmpipe.imaging import Limits, Rejected, decode_image
+from mmpipe.ingest import expand, fetch_listed
 from mmpipe.promote import champion
 from mmpipe.store import ObjectInfo, Store
 
@@ -79,14 +79,9 @@ def summarise(probs: np.ndarray, classes: Sequence[str], threshold: float) -> di
     }
 
 
-def _fetch(store: Store, settings: Settings, card: modelcard.ModelCard, obj: ObjectInfo) -> tuple:
-    limits = Limits.from_settings(settings)
+def _fetch(store: Store, limits: Limits, card: modelcard.ModelCard, obj: ObjectInfo) -> tuple:
     try:
-        if obj.size > limits.max_object_bytes:
-            raise Rejected(Reason.TOO_LARGE, f"object is {obj.size} bytes")
-        if obj.size == 0:
-            raise Rejected(Reason.EMPTY, "zero-byte object")
-        return obj, *decode_members(store.fetch(obj.key), obj.key, card.canonical_size, limits)
+        return obj, *decode_members(fetch_listed(store, obj, limits), obj.key, card.canonical_size, limits)
     except Rejected as exc:
         return obj, [], [("", str(exc.reason), exc.detail)]
 
@@ -103,7 +98,8 @@ def score_objects(
     """Decode a batch of objects, predict all their images in one pass, write tags and rows."""
     model, card = modelcard.load(store, card_uri, modelcard.resolve_device(settings.device))
     with ThreadPoolExecutor(settings.ingest_workers) as pool:
-        fetched = list(pool.map(lambda o: _fetch(store, settings, card, o), objects))
+        limits = Limits.from_settings(settings)
+        fetched = list(pool.map(lambda o: _fetch(store, limits, card, o), objects))
     stacked = [px for _, images, _ in fetched for _, px in images]
     probs = modelcard.predict(model, card, np.stack(stacked)) if stacked else np.zeros((0, len(card.classes)))
     predictions, failures, tagged, cursor = [], [], {}, 0
