@@ -146,8 +146,6 @@ def augment_batch(
 
 def target_count(counts: Mapping[str, int], target: str | int) -> int | None:
     """The common per-class count; None for ``"none"`` (every class keeps its count)."""
-    if isinstance(target, str) and target.strip().isdigit():
-        target = int(target)
     if isinstance(target, int) and not isinstance(target, bool):
         if target < 1:
             raise ConfigError(f"balance target must be a positive count, got {target}")

@@ -167,7 +167,7 @@ def evaluate_champion(
     Freezing a new test snapshot calls this, so the champion/challenger comparison on the new snapshot
     is an explicit, recorded step rather than a side effect of promotion. Idempotent per (snapshot, champion).
     """
-    from mmpipe.promote import champion
+    from mmpipe.promote import champion, evaluation
 
     current = champion(catalog)
     if current is None:
@@ -179,12 +179,8 @@ def evaluate_champion(
     )
     if done:
         return done[0] | {"evaluated_now": False}
-    existing = catalog.query(
-        "SELECT macro_f1, accuracy FROM evaluations WHERE model_version = :m AND test_snapshot = :s",
-        m=current,
-        s=snapshot,
-    )
-    scores = existing[0] if existing else evaluate_model(settings, store, catalog, current, snapshot)
+    existing = evaluation(catalog, current, snapshot)
+    scores = existing or evaluate_model(settings, store, catalog, current, snapshot)
     row = {
         "test_snapshot": snapshot,
         "model_version": current,

@@ -8,7 +8,6 @@ in the store stay un-enhanced; enhancement happens here, identically at training
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -160,8 +159,9 @@ def save(store: Store, prefix: str, model: torch.nn.Module, card: ModelCard) -> 
 
 def load(store: Store, card_uri: str, device: torch.device) -> tuple[torch.nn.Module, ModelCard]:
     """Rebuild the model from its card and checkpoint, strictly (every key must match)."""
-    card = ModelCard.from_json(json.loads(store.get(store.key_of(card_uri))))
-    ckpt_key = store.key_of(card_uri).rsplit("/", 1)[0] + "/model.safetensors"
+    card_key = store.key_of(card_uri)
+    card = ModelCard.from_json(store.get_json(card_key))
+    ckpt_key = card_key.rsplit("/", 1)[0] + "/model.safetensors"
     model = create_model(card.backbone, len(card.classes))
     model.load_state_dict(load_safetensors(store.get(ckpt_key)), strict=True)
     model.to(device, memory_format=torch.channels_last).eval()

@@ -84,20 +84,10 @@ def candidates(backbones: Sequence[str], **options: Any) -> list[dict[str, Any]]
 
 
 def train(plan_uri: str, candidate: dict[str, Any], run_id: str) -> dict[str, str]:
-    """Train one candidate; a crash marks its training run failed before propagating."""
-    from mmpipe.train import run_ids, train_candidate
+    from mmpipe.train import train_candidate
 
     settings, store, catalog = connect()
-    spec = Candidate.from_dict(candidate)
-    try:
-        return train_candidate(settings, store, catalog, plan_uri, spec, run_id)
-    except BaseException:
-        catalog.execute(
-            "UPDATE training_runs SET status = 'failed', finished_at = CURRENT_TIMESTAMP "
-            "WHERE training_run_id = :t AND status = 'running'",
-            {"t": run_ids(run_id, spec.name)[0]},
-        )
-        raise
+    return train_candidate(settings, store, catalog, plan_uri, Candidate.from_dict(candidate), run_id)
 
 
 def evaluate_model(model_version: str, snapshot: str) -> dict[str, Any]:

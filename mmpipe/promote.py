@@ -33,7 +33,7 @@ def decide(challenger_f1: float, champion_f1: float | None, min_gain: float) -> 
     )
 
 
-def _evaluation(catalog: Catalog, model_version: str, snapshot: str) -> dict[str, Any] | None:
+def evaluation(catalog: Catalog, model_version: str, snapshot: str) -> dict[str, Any] | None:
     rows = catalog.query(
         "SELECT model_version, macro_f1, accuracy FROM evaluations WHERE model_version = :m AND test_snapshot = :s",
         m=model_version,
@@ -53,12 +53,12 @@ def promote_best(
     recorded = catalog.query("SELECT * FROM promotions WHERE promotion_id = :p", p=promotion_id)
     if recorded:
         return recorded[0]
-    evaluated = [e for e in (_evaluation(catalog, m, snapshot) for m in candidates) if e]
+    evaluated = [e for e in (evaluation(catalog, m, snapshot) for m in candidates) if e]
     if not evaluated:
         raise MmpipeError(f"none of the candidates has an evaluation on snapshot {snapshot!r}")
     best = max(evaluated, key=lambda e: (e["macro_f1"], e["accuracy"]))
     current = champion(catalog)
-    current_eval = _evaluation(catalog, current, snapshot) if current else None
+    current_eval = evaluation(catalog, current, snapshot) if current else None
     if current and current_eval is None:
         raise MmpipeError(f"champion {current} has no evaluation on {snapshot}: evaluate it before promoting")
     if current == best["model_version"]:

@@ -16,8 +16,9 @@ import json
 import logging
 import time
 from collections import defaultdict
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, replace
 from typing import Any, Literal
 
 import numpy as np
@@ -133,6 +134,20 @@ def run_ids(airflow_run_id: str, candidate_name: str) -> tuple[str, str]:
     return training_run_id, f"{candidate_name}-{hashlib.sha256(training_run_id.encode()).hexdigest()[:10]}"
 
 
+@contextmanager
+def _failure_recorded(catalog: Catalog, training_run_id: str) -> Iterator[None]:
+    """A crash (or a kill) after the run was recorded as running marks it failed, then propagates."""
+    try:
+        yield
+    except BaseException:
+        catalog.execute(
+            "UPDATE training_runs SET status = 'failed', finished_at = CURRENT_TIMESTAMP "
+            "WHERE training_run_id = :t AND status = 'running'",
+            {"t": training_run_id},
+        )
+        raise
+
+
 def train_candidate(
     settings: Settings,
     store: Store,
@@ -164,132 +179,133 @@ def train_candidate(
         ],
         ["training_run_id"],
     )
-    catalog.execute("DELETE FROM epoch_metrics WHERE training_run_id = :t", {"t": training_run_id})
+    with _failure_recorded(catalog, training_run_id):
+        catalog.execute("DELETE FROM epoch_metrics WHERE training_run_id = :t", {"t": training_run_id})
 
-    weights, fingerprint = (None, None)
-    if candidate.init == "pretrained":
-        weights, fingerprint = fetch_weights(store, candidate.backbone)
-    model = create_model(
-        candidate.backbone, len(classes), weights=weights, freeze_ratio=candidate.freeze_ratio
-    )
-    model.to(device, memory_format=torch.channels_last)
+        weights, fingerprint = (None, None)
+        if candidate.init == "pretrained":
+            weights, fingerprint = fetch_weights(store, candidate.backbone)
+        model = create_model(
+            candidate.backbone, len(classes), weights=weights, freeze_ratio=candidate.freeze_ratio
+        )
+        model.to(device, memory_format=torch.channels_last)
 
-    pixels = load_pixels(store, plan["train"] + plan["val"])
-    train_entries = plan["train"]
-    val_images = np.stack([pixels[e["image_id"]] for e in plan["val"]])
-    val_labels = np.array([classes.index(e["label"]) for e in plan["val"]])
-    transforms = {c: augmenter(plan["policies"].get(c, ())) for c in classes}
-    preprocessing = plan.get("preprocessing") or {}
-    clahe = preprocessing.get("clahe") or {}
-    card = modelcard.ModelCard(
-        model_version=model_version,
-        backbone=candidate.backbone,
-        classes=classes,
-        canonical_size=int(val_images.shape[-1]),
-        image_size=candidate.image_size,
-        channel_mode=candidate.channel_mode or preprocessing.get("channel_mode", "replicate"),
-        mean=spec.mean,
-        std=spec.std,
-        init=candidate.init,
-        weights_fingerprint=fingerprint,
-        freeze_ratio=candidate.freeze_ratio,
-        dataset_version=plan["dataset_version"],
-        plan_uri=plan_uri,
-        training_run_id=training_run_id,
-        best_val_macro_f1=0.0,
-        clahe_clip_limit=clahe.get("clip_limit"),
-        clahe_tiles=int(clahe.get("tiles", 8)),
-    )
-    loss_fn = criterion(plan, candidate, device)
-    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=candidate.lr)
-    lr = candidate.lr
-    best_f1, best_state, stale, epochs_run = -1.0, None, 0, 0
-    started = time.monotonic()
-    for epoch in range(candidate.epochs):
-        t0 = time.monotonic()
-        model.train()
-        torch.manual_seed(candidate.seed * 1000 + epoch)
-        order = np.random.default_rng(candidate.seed * 1000 + epoch).permutation(len(train_entries))
-        losses = []
-        for start in range(0, len(order), candidate.batch_size):
-            positions = [int(i) for i in order[start : start + candidate.batch_size]]
-            batch = [train_entries[i] for i in positions]
-            images = torch.from_numpy(np.stack([pixels[e["image_id"]] for e in batch]))
-            images = augment_batch(images, batch, positions, transforms, plan["seed"], epoch).to(device)
-            target = torch.tensor([classes.index(e["label"]) for e in batch], device=device)
-            loss = loss_fn(model(modelcard.preprocess_for(card, images)), target)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            losses.append(loss.item())
-        val = evaluate_split(model, card, val_images, val_labels)
-        epochs_run = epoch + 1
-        catalog.upsert(
-            "epoch_metrics",
-            [
+        pixels = load_pixels(store, plan["train"] + plan["val"])
+        train_entries = plan["train"]
+        val_images = np.stack([pixels[e["image_id"]] for e in plan["val"]])
+        val_labels = np.array([classes.index(e["label"]) for e in plan["val"]])
+        transforms = {c: augmenter(plan["policies"].get(c, ())) for c in classes}
+        preprocessing = plan.get("preprocessing") or {}
+        clahe = preprocessing.get("clahe") or {}
+        card = modelcard.ModelCard(
+            model_version=model_version,
+            backbone=candidate.backbone,
+            classes=classes,
+            canonical_size=int(val_images.shape[-1]),
+            image_size=candidate.image_size,
+            channel_mode=candidate.channel_mode or preprocessing.get("channel_mode", "replicate"),
+            mean=spec.mean,
+            std=spec.std,
+            init=candidate.init,
+            weights_fingerprint=fingerprint,
+            freeze_ratio=candidate.freeze_ratio,
+            dataset_version=plan["dataset_version"],
+            plan_uri=plan_uri,
+            training_run_id=training_run_id,
+            best_val_macro_f1=0.0,
+            clahe_clip_limit=clahe.get("clip_limit"),
+            clahe_tiles=int(clahe.get("tiles", 8)),
+        )
+        loss_fn = criterion(plan, candidate, device)
+        optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=candidate.lr)
+        lr = candidate.lr
+        best_f1, best_state, stale, epochs_run = -1.0, None, 0, 0
+        started = time.monotonic()
+        for epoch in range(candidate.epochs):
+            t0 = time.monotonic()
+            model.train()
+            torch.manual_seed(candidate.seed * 1000 + epoch)
+            order = np.random.default_rng(candidate.seed * 1000 + epoch).permutation(len(train_entries))
+            losses = []
+            for start in range(0, len(order), candidate.batch_size):
+                positions = [int(i) for i in order[start : start + candidate.batch_size]]
+                batch = [train_entries[i] for i in positions]
+                images = torch.from_numpy(np.stack([pixels[e["image_id"]] for e in batch]))
+                images = augment_batch(images, batch, positions, transforms, plan["seed"], epoch).to(device)
+                target = torch.tensor([classes.index(e["label"]) for e in batch], device=device)
+                loss = loss_fn(model(modelcard.preprocess_for(card, images)), target)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                losses.append(loss.item())
+            val = evaluate_split(model, card, val_images, val_labels)
+            epochs_run = epoch + 1
+            catalog.upsert(
+                "epoch_metrics",
+                [
+                    {
+                        "training_run_id": training_run_id,
+                        "epoch": epoch,
+                        "lr": lr,
+                        "train_loss": float(np.mean(losses)),
+                        "val_loss": val["loss"],
+                        "val_accuracy": val["accuracy"],
+                        "val_macro_f1": val["macro_f1"],
+                        "seconds": time.monotonic() - t0,
+                    }
+                ],
+                ["training_run_id", "epoch"],
+            )
+            log.info(
+                "%s epoch %d: loss %.4f val macro-F1 %.3f",
+                candidate.name,
+                epoch,
+                np.mean(losses),
+                val["macro_f1"],
+            )
+            if val["macro_f1"] > best_f1:
+                best_f1, stale = val["macro_f1"], 0
+                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+                continue
+            stale += 1
+            if lr != candidate.lr_finetune:  # first plateau: fine-tune at the lower rate
+                lr = candidate.lr_finetune
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                stale = 0
+            elif stale >= candidate.patience:
+                log.info("%s: early stop after epoch %d", candidate.name, epoch)
+                break
+        if best_state is not None:
+            model.load_state_dict(best_state)
+        card = replace(card, best_val_macro_f1=best_f1)
+        checkpoint_uri, card_uri = modelcard.save(store, f"models/{model_version}", model, card)
+        with catalog.begin() as conn:
+            catalog.upsert(
+                "models",
+                [
+                    {
+                        "model_version": model_version,
+                        "training_run_id": training_run_id,
+                        "backbone": candidate.backbone,
+                        "checkpoint_uri": checkpoint_uri,
+                        "card_uri": card_uri,
+                    }
+                ],
+                ["model_version"],
+                conn,
+            )
+            conn.execute(
+                sa.text(
+                    "UPDATE training_runs SET status = 'succeeded', epochs_run = :e, best_val_f1 = :f, seconds = :s, "
+                    "model_version = :m, finished_at = CURRENT_TIMESTAMP WHERE training_run_id = :t"
+                ),
                 {
-                    "training_run_id": training_run_id,
-                    "epoch": epoch,
-                    "lr": lr,
-                    "train_loss": float(np.mean(losses)),
-                    "val_loss": val["loss"],
-                    "val_accuracy": val["accuracy"],
-                    "val_macro_f1": val["macro_f1"],
-                    "seconds": time.monotonic() - t0,
-                }
-            ],
-            ["training_run_id", "epoch"],
-        )
-        log.info(
-            "%s epoch %d: loss %.4f val macro-F1 %.3f",
-            candidate.name,
-            epoch,
-            np.mean(losses),
-            val["macro_f1"],
-        )
-        if val["macro_f1"] > best_f1:
-            best_f1, stale = val["macro_f1"], 0
-            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-            continue
-        stale += 1
-        if lr != candidate.lr_finetune:  # first plateau: fine-tune at the lower rate
-            lr = candidate.lr_finetune
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            stale = 0
-        elif stale >= candidate.patience:
-            log.info("%s: early stop after epoch %d", candidate.name, epoch)
-            break
-    if best_state is not None:
-        model.load_state_dict(best_state)
-    card = modelcard.ModelCard(**{**asdict(card), "best_val_macro_f1": best_f1})
-    checkpoint_uri, card_uri = modelcard.save(store, f"models/{model_version}", model, card)
-    with catalog.begin() as conn:
-        catalog.upsert(
-            "models",
-            [
-                {
-                    "model_version": model_version,
-                    "training_run_id": training_run_id,
-                    "backbone": candidate.backbone,
-                    "checkpoint_uri": checkpoint_uri,
-                    "card_uri": card_uri,
-                }
-            ],
-            ["model_version"],
-            conn,
-        )
-        conn.execute(
-            sa.text(
-                "UPDATE training_runs SET status = 'succeeded', epochs_run = :e, best_val_f1 = :f, seconds = :s, "
-                "model_version = :m, finished_at = CURRENT_TIMESTAMP WHERE training_run_id = :t"
-            ),
-            {
-                "e": epochs_run,
-                "f": best_f1,
-                "s": time.monotonic() - started,
-                "m": model_version,
-                "t": training_run_id,
-            },
-        )
-    return {"model_version": model_version, "card_uri": card_uri, "training_run_id": training_run_id}
+                    "e": epochs_run,
+                    "f": best_f1,
+                    "s": time.monotonic() - started,
+                    "m": model_version,
+                    "t": training_run_id,
+                },
+            )
+        return {"model_version": model_version, "card_uri": card_uri, "training_run_id": training_run_id}

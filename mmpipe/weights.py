@@ -20,9 +20,7 @@ from mmpipe.store import Store
 
 def import_weights(store: Store, backbone: str, path: Path) -> dict[str, str]:
     """Verify ``path`` fits ``backbone`` and register it as that backbone's current weights."""
-    if not path.exists():
-        raise ConfigError(f"weights file {path} not found")
-    state = load_weights_file(path)
+    state = load_weights_file(path)  # refuses a missing or unreadable file
     create_model(backbone, 5, weights=state)  # raises ConfigError when the file does not fit
     fingerprint = weights_fingerprint(state)
     key = f"weights/{backbone}/{fingerprint}.safetensors"
