@@ -115,9 +115,7 @@ def mmpipe_retrain():
         return decision
 
     prepared = prepare_dataset()
-    trained = training_operator(
-        settings, task_id="train", max_active_tis_per_dagrun=1 if settings.training_backend == "local" else 8
-    ).expand_kwargs(candidates(prepared))
+    trained = training_operator(settings, task_id="train").expand_kwargs(candidates(prepared))
     evaluations = evaluate.partial(prepared=prepared).expand(trained=trained.output)
     evaluate_champion(prepared) >> promote(evaluations, prepared)
 

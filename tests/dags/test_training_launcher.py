@@ -33,11 +33,8 @@ from mmpipe.config import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
 
-from mmpipe_airflow.training import (  # noqa: E402
-    TrainCandidateOperator,
-    TrainCandidatePodOperator,
-    training_operator,
-)
+from mmpipe_airflow.pod import TrainCandidatePodOperator  # noqa: E402
+from mmpipe_airflow.training import TrainCandidateOperator, training_operator  # noqa: E402
 
 K8S_VERSIONS = ["1.31.0", kubernetes_validate.latest_version()]
 PLAN = "s3://mmpipe/plans/2026-11-23/plan.json"
