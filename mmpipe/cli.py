@@ -110,9 +110,7 @@ def cmd_synth(args: argparse.Namespace) -> None:
 def cmd_ingest(args: argparse.Namespace) -> None:
     from mmpipe import pipeline
 
-    listing = pipeline.ingest_list(args.run_id, args.prefix, args.batch_size)
-    results = [pipeline.ingest_batch(args.run_id, uri) for uri in listing["batch_uris"]]
-    report = pipeline.ingest_finish(args.run_id, listing, results)
+    report = pipeline.ingest_all(args.run_id, args.prefix, args.batch_size)
     _print(report | {"validation": pipeline.validate_ingest(args.run_id)})
 
 

@@ -244,10 +244,6 @@ def process_object(
 # --------------------------------------------------------------------------- listing and labels
 
 
-def _default_manifest_names() -> tuple[str, ...]:
-    return Settings.model_fields["label_manifest_names"].default
-
-
 def refresh_manifests(store: Store, catalog: Catalog, prefix: str, found: Sequence[ObjectInfo]) -> None:
     """Mirror the label manifests under ``prefix`` into ``label_manifests``, reading only changed ones."""
     known = {
@@ -284,10 +280,10 @@ def refresh_manifests(store: Store, catalog: Catalog, prefix: str, found: Sequen
         catalog.upsert("label_manifests", rows, ["manifest_key"], conn)
 
 
-def load_labeler(settings: Settings | None, catalog: Catalog, prefix: str) -> Labeler:
+def load_labeler(settings: Settings, catalog: Catalog, prefix: str) -> Labeler:
     """The labeler for objects under ``prefix``: its recorded manifests plus the configured rules."""
-    classes = settings.classes if settings else Settings.model_fields["classes"].default
-    rules = parse_rules(settings.label_rules, classes) if settings else ()
+    classes = settings.classes
+    rules = parse_rules(settings.label_rules, classes)
     manifests = [
         Manifest(r["manifest_key"], json.loads(r["entries_json"]))
         for r in catalog.query(
@@ -318,18 +314,21 @@ def _now_labelled(catalog: Catalog, prefix: str, labeler: Labeler) -> set[tuple[
     return found
 
 
-def list_new(
-    store: Store, catalog: Catalog, prefix: str, settings: Settings | None = None
-) -> tuple[list[ObjectInfo], int]:
+def list_new(store: Store, catalog: Catalog, prefix: str, settings: Settings) -> tuple[list[ObjectInfo], int]:
     """Data objects under ``prefix`` to process now, and how many data objects are listed in all.
 
     New means: (key, ETag) not recorded, or recorded with an unlabelled member that now has a label.
-    Label manifests are refreshed on the way and are not data objects. ``settings`` supplies the
-    manifest names and classes (their defaults without it).
+    Label manifests are refreshed on the way and are not data objects. An empty prefix is a
+    configuration mistake (wrong bucket or prefix), not a quiet night: it fails with the fix.
     """
-    names = settings.label_manifest_names if settings else _default_manifest_names()
+    names = settings.label_manifest_names
     listed = list(store.list(prefix))
     data = [o for o in listed if not is_manifest(o.key, names)]
+    if not data:
+        raise MmpipeError(
+            f"nothing to ingest: {store.uri(prefix)} is empty. Upload studies as {prefix}<class>/..., "
+            "or check MMPIPE_S3_BUCKET / the prefix"
+        )
     refresh_manifests(store, catalog, prefix, [o for o in listed if is_manifest(o.key, names)])
     seen = {
         (r["source_key"], r["etag"])
@@ -803,8 +802,8 @@ def run(
     One fetcher serves every batch, and the next batch is decoding while one is recorded (at most
     two batches of outcomes are held in memory).
     """
-    start_run(catalog, run_id, prefix)
     new, listed = list_new(store, catalog, prefix, settings)
+    start_run(catalog, run_id, prefix)
     started, results = time.monotonic(), []
     pending: deque[tuple[list[ObjectInfo], list[Future[list[Outcome]]]]] = deque()
 

@@ -13,7 +13,6 @@ from typing import Any
 from mmpipe import dataset, evaluate, ingest, promote, score
 from mmpipe.catalog import Catalog, open_catalog
 from mmpipe.config import Settings, get_settings
-from mmpipe.errors import MmpipeError
 from mmpipe.store import ObjectInfo, Store, open_store
 from mmpipe.train import Candidate
 
@@ -31,11 +30,6 @@ def ingest_list(run_id: str, prefix: str = ingest.TRAINING_PREFIX, batch_size: i
     settings, store, catalog = connect()
     store.check()
     new, listed = ingest.list_new(store, catalog, prefix, settings)
-    if listed == 0:
-        raise MmpipeError(
-            f"nothing to ingest: {store.uri(prefix)} is empty. Upload studies as {prefix}<class>/..., "
-            "or check MMPIPE_S3_BUCKET / the prefix"
-        )
     ingest.start_run(catalog, run_id, prefix)
     slug = ingest.run_slug(run_id)
     uris = [
@@ -46,6 +40,13 @@ def ingest_list(run_id: str, prefix: str = ingest.TRAINING_PREFIX, batch_size: i
         for n, b in enumerate(ingest.batches(new, batch_size))
     ]
     return {"listed": listed, "new_objects": len(new), "batch_uris": uris}
+
+
+def ingest_all(run_id: str, prefix: str = ingest.TRAINING_PREFIX, batch_size: int = 200) -> dict[str, Any]:
+    """The whole ingest in this process (the CLI): one decode pool for every batch."""
+    settings, store, catalog = connect()
+    store.check()
+    return ingest.run(settings, store, catalog, run_id, prefix, batch_size)
 
 
 def ingest_batch(run_id: str, batch_uri: str) -> dict[str, int]:
