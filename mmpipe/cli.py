@@ -21,6 +21,7 @@ from typing import Any
 from mmpipe.errors import MmpipeError
 
 log = logging.getLogger("mmpipe")
+CLI_RUN_ID = f"cli__{time.strftime('%Y%m%dT%H%M%S')}"  # runs started by hand, named like Airflow's
 
 
 def _print(payload: Any) -> None:
@@ -34,7 +35,7 @@ def cmd_init(args: argparse.Namespace) -> None:
     from mmpipe.store import open_store
 
     settings = get_settings()
-    salt_file = settings.home / "secrets" / "pseudonym_salt"
+    salt_file = settings.salt_file
     if settings.pseudonym_salt is None and not salt_file.exists():
         salt_file.parent.mkdir(parents=True, exist_ok=True)
         salt_file.write_text(secrets.token_hex(32))
@@ -89,7 +90,7 @@ def cmd_synth(args: argparse.Namespace) -> None:
 
     from mmpipe.config import get_settings
     from mmpipe.store import open_store
-    from mmpipe.synth import generate
+    from mmpipe.synth import generate, unlabelled_key
 
     store = open_store(get_settings())
     store.check()
@@ -99,7 +100,7 @@ def cmd_synth(args: argparse.Namespace) -> None:
 
     def put(obj: Any) -> str:
         # incoming/ mimics a hospital drop: no class folder, the label is what scoring must find.
-        key = prefix + (obj.key if labelled else obj.key.split("/", 1)[1])
+        key = prefix + (obj.key if labelled else unlabelled_key(obj.key))
         return store.put(key, obj.body)
 
     with ThreadPoolExecutor(8) as pool:
@@ -237,7 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     ing = sub.add_parser("ingest", help="ingest new objects under a prefix")
     ing.add_argument("--prefix", default="training/")
-    ing.add_argument("--run-id", default=f"cli__{time.strftime('%Y%m%dT%H%M%S')}")
+    ing.add_argument("--run-id", default=CLI_RUN_ID)
     ing.add_argument("--batch-size", type=int, default=200)
     ing.set_defaults(fn=cmd_ingest)
 
@@ -252,7 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
     freeze.add_argument("--reason", default="frozen by hand")
     freeze.set_defaults(fn=cmd_dataset)
     plan = ds_sub.add_parser("plan", help="record splits, validate and write a training plan")
-    plan.add_argument("--run-id", default=f"cli__{time.strftime('%Y%m%dT%H%M%S')}")
+    plan.add_argument("--run-id", default=CLI_RUN_ID)
     plan.add_argument("--seed", type=int, default=0)
     plan.add_argument("--target", default="median")
     plan.set_defaults(fn=cmd_dataset)
@@ -277,7 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sc = sub.add_parser("score", help="score incoming objects with the champion and tag them")
     sc.add_argument("--prefix", default="incoming/")
-    sc.add_argument("--run-id", default=f"cli__{time.strftime('%Y%m%dT%H%M%S')}")
+    sc.add_argument("--run-id", default=CLI_RUN_ID)
     sc.set_defaults(fn=cmd_score)
 
     wt = sub.add_parser("weights", help="the pretrained-weights registry").add_subparsers(

@@ -93,11 +93,16 @@ class Settings(BaseSettings):
     def db_url(self) -> str:
         return self.database_url or f"sqlite:///{(self.home / 'catalog.db').resolve()}"
 
+    @property
+    def salt_file(self) -> Path:
+        """Where `mmpipe init` keeps a generated salt when none is configured."""
+        return self.home / "secrets" / "pseudonym_salt"
+
     def salt(self) -> bytes:
         """The pseudonymisation salt: from config, else the secret file under ``home``."""
         if self.pseudonym_salt is not None:
             return self.pseudonym_salt.get_secret_value().encode()
-        path = self.home / "secrets" / "pseudonym_salt"
+        path = self.salt_file
         if path.exists():
             return path.read_bytes().strip()
         raise ConfigError(

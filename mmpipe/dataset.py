@@ -22,6 +22,7 @@ from mmpipe.catalog import Catalog
 from mmpipe.config import Settings
 from mmpipe.errors import MmpipeError
 from mmpipe.store import Store
+from mmpipe.validate import BATCH_COLUMNS
 
 log = logging.getLogger(__name__)
 
@@ -30,10 +31,6 @@ class ValidationFailed(MmpipeError):
     """A critical expectation failed: the batch is kept out of training (nothing deleted)."""
 
 
-_BATCH_KEYS = (
-    "image_id", "label", "orig_rows", "orig_cols", "bits_stored", "pixel_std", "content_hash", "patient_key",
-    "modality",
-)  # fmt: skip
 _BATCH_SQL = (
     "i.image_id, i.label, i.orig_rows, i.orig_cols, i.bits_stored, i.pixel_std, i.image_id AS content_hash, "
     "i.patient_key, i.modality"
@@ -68,7 +65,7 @@ def batch_rows(catalog: Catalog, run_id: str) -> pd.DataFrame:
     )
     seen = {r["image_id"] for r in rows}
     for d in dups:
-        original = {k: d[k] for k in _BATCH_KEYS}
+        original = {k: d[k] for k in BATCH_COLUMNS}
         if original["image_id"] not in seen:  # the original arrived in an earlier run
             rows.append(original)
             seen.add(original["image_id"])
@@ -81,7 +78,7 @@ def batch_rows(catalog: Catalog, run_id: str) -> pd.DataFrame:
                 "patient_key": d["dup_patient"] or original["patient_key"],
             }
         )
-    return pd.DataFrame(rows, columns=list(_BATCH_KEYS))
+    return pd.DataFrame(rows, columns=list(BATCH_COLUMNS))
 
 
 def validate_ingest(settings: Settings, store: Store, catalog: Catalog, run_id: str) -> dict[str, Any]:

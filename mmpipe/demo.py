@@ -17,12 +17,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from mmpipe import catalog as catalog_mod
 from mmpipe import embedded
 from mmpipe.config import get_settings
 from mmpipe.errors import MmpipeError
-from mmpipe.store import open_store
-from mmpipe.synth import generate
+from mmpipe.synth import generate, unlabelled_key
 
 REPO = Path(__file__).resolve().parents[1]
 INCOMING_SEED = 7
@@ -168,15 +166,13 @@ def run_demo(profile: str = "demo") -> None:
 
 
 def show_results(env: dict[str, str], states: dict[str, str], seconds: float, spec: Profile) -> None:
+    from mmpipe import pipeline
     from mmpipe.cli import format_leaderboard
 
     os.environ.update({k: v for k, v in env.items() if k.startswith("MMPIPE_")})
-    settings = get_settings()
-    catalog = catalog_mod.open_catalog(settings)
-    store = open_store(settings)
+    settings, store, catalog = pipeline.connect()
     print(f"\nDAG runs: {', '.join(f'{d}={s}' for d, s in states.items())}  ({seconds:.0f}s in all)\n")
-    rows = catalog.query("SELECT * FROM leaderboard ORDER BY created_at DESC, macro_f1 DESC LIMIT 10")
-    print(format_leaderboard(rows))
+    print(format_leaderboard(pipeline.leaderboard(10)))
     decision = catalog.query(
         "SELECT decision, challenger, reason FROM promotions ORDER BY created_at DESC LIMIT 1"
     )
@@ -184,7 +180,7 @@ def show_results(env: dict[str, str], states: dict[str, str], seconds: float, sp
         print(f"\npromotion: {decision[0]['decision']} {decision[0]['challenger']} ({decision[0]['reason']})")
     # The demo knows what it generated, so it can say how the tags compare with the truth.
     truth = {
-        "incoming/" + o.key.split("/", 1)[1]: o.label
+        "incoming/" + unlabelled_key(o.key): o.label
         for o in generate(
             spec.incoming_images, size=128, seed=INCOMING_SEED, archive_fraction=INCOMING_ARCHIVES
         )

@@ -20,9 +20,9 @@ from mmpipe import modelcard
 from mmpipe.catalog import Catalog
 from mmpipe.config import Settings
 from mmpipe.errors import MmpipeError
+from mmpipe.ingest import load_pixels
 from mmpipe.splits import snapshot_images
 from mmpipe.store import Store
-from mmpipe.train import load_pixels
 
 ECE_BINS = 10
 

@@ -44,7 +44,7 @@ import re
 import signal
 import time
 import warnings
-from collections import Counter, deque
+from collections import Counter, defaultdict, deque
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
@@ -57,9 +57,10 @@ from sqlalchemy.engine import Connection
 from mmpipe.archives import iter_members
 from mmpipe.catalog import Catalog, select_in
 from mmpipe.config import Settings
-from mmpipe.errors import MmpipeError, StoreError
+from mmpipe.errors import ConfigError, MmpipeError, StoreError
 from mmpipe.imaging import Decoded, Limits, Reason, Rejected, decode_image, sniff
 from mmpipe.labels import (
+    MEMBER_SEPARATOR,
     TRAINING_PREFIX,
     Label,
     Labeler,
@@ -173,20 +174,14 @@ def expand(key: str, data: bytes, limits: Limits) -> tuple[list[tuple[str, bytes
             continue
         members_left -= len(members)
         bytes_left -= sum(len(b) for _, b in members)
-        pending.extend((f"{path}!{name}" if path else name, b, depth + 1) for name, b in members)
+        pending.extend(
+            (f"{path}{MEMBER_SEPARATOR}{name}" if path else name, b, depth + 1) for name, b in members
+        )
     return leaves, rejected
 
 
-def _fallback_patient(key: str, member: str) -> str:
-    """Identity without a PatientID: the folder holding the file, inside its archive if it has one."""
-    if not member:
-        return fallback_patient(key)
-    folder = member.rsplit("/", 1)[0] if "/" in member else ""
-    return f"archive:{key}!{folder}"
-
-
 def _names_identifier(key: str, member: str, decoded: Decoded) -> bool:
-    where = f"{key}!{member}"
+    where = f"{key}{MEMBER_SEPARATOR}{member}"
     return any(
         value and len(value) >= MIN_IDENTIFIER_CHARS and value in where
         for value in (decoded.patient_id, decoded.accession)
@@ -196,7 +191,7 @@ def _names_identifier(key: str, member: str, decoded: Decoded) -> bool:
 def image_row(obj: ObjectInfo, member: str, decoded: Decoded, label: Label, salt: bytes) -> dict[str, Any]:
     """The catalog row of one decoded image; identifiers enter it only as salted hashes."""
     pixels = decoded.pixels
-    patient = decoded.patient_id or _fallback_patient(obj.key, member)
+    patient = decoded.patient_id or fallback_patient(obj.key, member)
     study = decoded.study_uid or f"{patient}/{obj.key}"
     return {
         "image_id": hashlib.sha256(pixels.tobytes()).hexdigest()[:32],
@@ -361,6 +356,25 @@ def write_shard(store: Store, key: str, rows: list[dict[str, Any]], pixels: list
     buffer = io.BytesIO()
     np.savez(buffer, pixels=np.stack(pixels), image_ids=np.array([r["image_id"] for r in rows]))
     return store.put(key, buffer.getvalue())
+
+
+def load_pixels(store: Store, entries: Sequence[dict]) -> dict[str, np.ndarray]:
+    """Curated pixels for the entries (``image_id``, ``shard_uri``), reading each shard once."""
+    by_shard: dict[str, set[str]] = defaultdict(set)
+    for e in entries:
+        by_shard[e["shard_uri"]].add(e["image_id"])
+    pixels: dict[str, np.ndarray] = {}
+    for shard_uri, wanted in by_shard.items():
+        array, ids = load_shard(store, shard_uri)
+        for index, image_id in enumerate(ids):
+            if image_id in wanted:
+                pixels[image_id] = array[index]
+    missing = {e["image_id"] for e in entries} - set(pixels)
+    if missing:
+        raise ConfigError(
+            f"{len(missing)} plan images missing from curated shards (e.g. {sorted(missing)[0]})"
+        )
+    return pixels
 
 
 def load_shard(store: Store, shard_uri: str) -> tuple[np.ndarray, list[str]]:

@@ -127,10 +127,10 @@ def score_list(run_id: str, prefix: str = score.INCOMING_PREFIX, batch_size: int
             {
                 "model_version": version,
                 "card_uri": card_uri,
-                "objects": [asdict(o) for o in todo[i : i + batch_size]],
+                "objects": [asdict(o) for o in batch],
             },
         )
-        for n, i in enumerate(range(0, len(todo), batch_size))
+        for n, batch in enumerate(ingest.batches(todo, batch_size))
     ]
 
 

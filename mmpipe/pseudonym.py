@@ -19,11 +19,15 @@ def pseudonym(salt: bytes, kind: str, value: str) -> str:
     return f"{kind[0]}{digest[:KEY_CHARS]}"
 
 
-def fallback_patient(source_key: str) -> str:
-    """Identity for images without a PatientID (PNG/JPEG): the folder that holds them.
+def fallback_patient(source_key: str, member: str = "") -> str:
+    """Identity for images without a PatientID (PNG/JPEG): the folder that holds them, inside its
+    archive when the image is an archive member.
 
     Exports put one patient per folder (``training/<class>/<patient>/img.png``); treating the
     folder as the patient keeps all of its images on one side of every split.
     """
+    if member:
+        folder = member.rsplit("/", 1)[0] if "/" in member else ""
+        return f"archive:{source_key}!{folder}"
     parent = source_key.rsplit("/", 1)[0] if "/" in source_key else source_key
     return "folder:" + parent

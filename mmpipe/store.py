@@ -15,7 +15,6 @@ Prefix layout inside the bucket (see docs/architecture.md):
 
 from __future__ import annotations
 
-import io
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -183,10 +182,6 @@ class Store:
 
     def get_json(self, key: str) -> Any:
         return json.loads(self.get(key))
-
-    def upload_file(self, key: str, fileobj: io.BufferedIOBase) -> str:
-        self._call("upload " + key, self._client.upload_fileobj, Fileobj=fileobj, Bucket=self.bucket, Key=key)
-        return self.uri(key)
 
     def get_tags(self, key: str) -> dict[str, str]:
         resp = self._call("get tags " + key, self._client.get_object_tagging, Bucket=self.bucket, Key=key)

@@ -701,6 +701,11 @@ def _zip(members: list[tuple[str, bytes]]) -> bytes:
     return buffer.getvalue()
 
 
+def unlabelled_key(key: str) -> str:
+    """``<class>/<export>/...`` without its class folder: how an unlabelled drop (``incoming/``) looks."""
+    return key.split("/", 1)[1]
+
+
 def generate(
     n_images: int,
     *,

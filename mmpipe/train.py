@@ -15,8 +15,7 @@ import hashlib
 import json
 import logging
 import time
-from collections import defaultdict
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from typing import Any, Literal
@@ -31,7 +30,7 @@ from mmpipe.balance import augment_batch, augmenter, focal_loss
 from mmpipe.catalog import Catalog
 from mmpipe.config import Settings
 from mmpipe.errors import ConfigError
-from mmpipe.ingest import load_shard, run_slug
+from mmpipe.ingest import load_pixels, run_slug
 from mmpipe.models import create_model, get_spec
 from mmpipe.store import Store
 from mmpipe.weights import fetch_weights
@@ -82,25 +81,6 @@ class Candidate:
         if not 0 <= candidate.focal_gamma <= 10:
             raise ConfigError(f"focal_gamma must be within [0, 10], got {candidate.focal_gamma}")
         return candidate
-
-
-def load_pixels(store: Store, entries: Sequence[dict]) -> dict[str, np.ndarray]:
-    """Curated pixels for the entries, reading each shard once."""
-    by_shard: dict[str, set[str]] = defaultdict(set)
-    for e in entries:
-        by_shard[e["shard_uri"]].add(e["image_id"])
-    pixels: dict[str, np.ndarray] = {}
-    for shard_uri, wanted in by_shard.items():
-        array, ids = load_shard(store, shard_uri)
-        for index, image_id in enumerate(ids):
-            if image_id in wanted:
-                pixels[image_id] = array[index]
-    missing = {e["image_id"] for e in entries} - set(pixels)
-    if missing:
-        raise ConfigError(
-            f"{len(missing)} plan images missing from curated shards (e.g. {sorted(missing)[0]})"
-        )
-    return pixels
 
 
 def criterion(plan: dict, candidate: Candidate, device: torch.device) -> Any:

@@ -42,7 +42,7 @@ DEFAULT_MODALITY_FOR_CLASS: dict[str, tuple[str, ...]] = {
     "liver_ct": ("CT",),
 }
 
-_BATCH_COLUMNS = (
+BATCH_COLUMNS = (
     "image_id",
     "label",
     "orig_rows",
@@ -146,9 +146,9 @@ def _expect(cls: type[Expectation], check: str, severity: str, **kwargs: Any) ->
 
 def validate_batch(rows: pd.DataFrame, rules: BatchRules) -> ValidationReport:
     """Validate one ingested batch of catalog rows before its images may reach training."""
-    _check_input(rows, _BATCH_COLUMNS, numeric=_COMPUTED_NUMERIC, non_null=("content_hash",))
+    _check_input(rows, BATCH_COLUMNS, numeric=_COMPUTED_NUMERIC, non_null=("content_hash",))
     gxe = _gx_expectations()
-    frame = rows[list(_BATCH_COLUMNS)].copy()
+    frame = rows[list(BATCH_COLUMNS)].copy()
     # Only labels with known modalities are compared; GX's column-pair row_condition is not applied to
     # the unexpected rows (GX 1.24, pandas), so the exclusion is a derived column instead.
     known = frame["label"].isin(list(rules.modality_for_class))
