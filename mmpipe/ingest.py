@@ -93,16 +93,18 @@ FORGET_QUARANTINE = sa.text(
 )
 FORGET_DUPLICATES = sa.text("DELETE FROM duplicates WHERE source_key = :k AND source_etag = :e")
 RETIRE = sa.text("UPDATE images SET status = 'retired', status_reason = 'superseded' WHERE image_id = :i")
-HEIRS = sa.text(
-    "SELECT d.source_key, d.source_etag, d.member_path, d.frame, d.label, d.label_source, d.patient_key, "
-    "d.study_key FROM duplicates d JOIN source_objects s ON s.source_key = d.source_key "
-    "AND s.etag = d.source_etag WHERE d.duplicate_of = :i AND s.status <> 'superseded' "
-    "AND d.label IS NOT NULL ORDER BY d.source_key, d.member_path"
+#: What a duplicate row records about its copy, and so what an heir hands to the image it inherits.
+DUPLICATE_FIELDS = (
+    "source_key", "source_etag", "member_path", "frame", "label", "label_source", "patient_key", "study_key",
+)  # fmt: skip
+HEIRS = (
+    "SELECT d.duplicate_of, " + ", ".join(f"d.{c}" for c in DUPLICATE_FIELDS) + " FROM duplicates d "
+    "JOIN source_objects s ON s.source_key = d.source_key AND s.etag = d.source_etag "
+    "WHERE d.duplicate_of IN ({in}) AND s.status <> 'superseded' AND d.label IS NOT NULL "
+    "ORDER BY d.source_key, d.member_path"
 )
 INHERIT = sa.text(
-    "UPDATE images SET source_key = :source_key, source_etag = :source_etag, member_path = :member_path, "
-    "frame = :frame, label = :label, label_source = :label_source, patient_key = :patient_key, "
-    "study_key = :study_key WHERE image_id = :image_id"
+    "UPDATE images SET " + ", ".join(f"{c} = :{c}" for c in DUPLICATE_FIELDS) + " WHERE image_id = :image_id"
 )
 HEIR_PROMOTED = sa.text(
     "UPDATE source_objects SET status = 'ingested' WHERE source_key = :source_key AND etag = :source_etag"
@@ -111,9 +113,6 @@ FORGET_HEIR = sa.text(
     "DELETE FROM duplicates WHERE source_key = :source_key AND source_etag = :source_etag "
     "AND member_path = :member_path"
 )
-DUPLICATE_FIELDS = (
-    "source_key", "source_etag", "member_path", "frame", "label", "label_source", "patient_key", "study_key",
-)  # fmt: skip
 
 
 def run_slug(run_id: str) -> str:
@@ -310,6 +309,14 @@ def _now_labelled(catalog: Catalog, prefix: str, labeler: Labeler) -> set[tuple[
 
 
 def list_new(store: Store, catalog: Catalog, prefix: str, settings: Settings) -> tuple[list[ObjectInfo], int]:
+    """Data objects under ``prefix`` to process now, and how many are listed in all (see :func:`_list_new`)."""
+    new, listed, _ = _list_new(store, catalog, prefix, settings)
+    return new, listed
+
+
+def _list_new(
+    store: Store, catalog: Catalog, prefix: str, settings: Settings
+) -> tuple[list[ObjectInfo], int, Labeler]:
     """Data objects under ``prefix`` to process now, and how many data objects are listed in all.
 
     New means: (key, ETag) not recorded, or recorded with an unlabelled member that now has a label.
@@ -333,13 +340,14 @@ def list_new(store: Store, catalog: Catalog, prefix: str, settings: Settings) ->
             p=like_prefix(prefix),
         )
     }
-    again = _now_labelled(catalog, prefix, load_labeler(settings, catalog, prefix))
+    labeler = load_labeler(settings, catalog, prefix)  # after the manifest refresh
+    again = _now_labelled(catalog, prefix, labeler)
     new = [o for o in data if (o.key, o.etag) not in seen or (o.key, o.etag) in again]
     log.info(
         "ingest listing %s: %d data objects, %d label manifests, %d to process (%d newly labelled)",
         prefix, len(data), len(listed) - len(data), len(new), len(again),
     )  # fmt: skip
-    return new, len(data)
+    return new, len(data), labeler
 
 
 def batches(objects: Sequence[ObjectInfo], batch_size: int) -> list[list[ObjectInfo]]:
@@ -508,9 +516,9 @@ class Fetcher:
         ]
 
 
-def _context(settings: Settings, catalog: Catalog, prefix: str) -> _Context:
+def _context(settings: Settings, catalog: Catalog, prefix: str, labeler: Labeler | None = None) -> _Context:
     return _Context(
-        labeler=load_labeler(settings, catalog, prefix),
+        labeler=labeler or load_labeler(settings, catalog, prefix),
         salt=settings.salt(),
         size=settings.image_size,
         limits=Limits.from_settings(settings),
@@ -566,10 +574,13 @@ def _retire_or_inherit(conn: Connection, batch_keys: set[str], produced: set[str
     owned = select_in(
         conn, "SELECT image_id FROM images WHERE status <> 'retired' AND source_key IN ({in})", batch_keys
     )
+    lost = sorted({r["image_id"] for r in owned} - produced)
+    heirs: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for row in select_in(conn, HEIRS, lost):
+        heirs[row.pop("duplicate_of")].append(row)
     retired = inherited = 0
-    for image_id in sorted({r["image_id"] for r in owned} - produced):
-        heirs = [dict(r._mapping) for r in conn.execute(HEIRS, {"i": image_id})]
-        heir = next((h for h in heirs if h["source_key"] not in batch_keys), None)
+    for image_id in lost:
+        heir = next((h for h in heirs[image_id] if h["source_key"] not in batch_keys), None)
         if heir is None:
             conn.execute(RETIRE, {"i": image_id})
             retired += 1
@@ -816,7 +827,7 @@ def run(
     One fetcher serves every batch, and the next batch is decoding while one is recorded (at most
     two batches of outcomes are held in memory).
     """
-    new, listed = list_new(store, catalog, prefix, settings)
+    new, listed, labeler = _list_new(store, catalog, prefix, settings)
     start_run(catalog, run_id, prefix)
     started, results = time.monotonic(), []
     pending: deque[tuple[list[ObjectInfo], list[Future[list[Outcome]]]]] = deque()
@@ -826,7 +837,7 @@ def run(
         results.append(_record_batch(settings, store, catalog, run_id, objects, futures))
         _progress("run", sum(r["objects"] for r in results), len(new), started)
 
-    with Fetcher(settings, store, _context(settings, catalog, prefix), len(new)) as fetcher:
+    with Fetcher(settings, store, _context(settings, catalog, prefix, labeler), len(new)) as fetcher:
         for batch in batches(new, batch_size):
             pending.append((batch, fetcher.submit(batch)))
             if len(pending) == 2:
