@@ -67,6 +67,7 @@ _TAR_BLOCK = 512
 _INFLATE_CHUNK = 1 << 20
 _MONOCHROME = ("MONOCHROME1", "MONOCHROME2")
 _PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+_DEFLATED = DeflatedExplicitVRLittleEndian.encode()
 _BT601 = np.array([0.299, 0.587, 0.114], dtype=np.float32)
 
 
@@ -284,6 +285,8 @@ def _read_dataset(data: bytes, limits: Limits) -> Dataset:
 
 def _guard_deflate(data: bytes, limits: Limits) -> None:
     """pydicom inflates a Deflated-syntax dataset in one unbounded call: measure it first."""
+    if _DEFLATED not in data:  # the file meta stores the UID as text: without it, no parse needed
+        return
     fp = BytesIO(data)
     try:
         if read_preamble(fp, True) is None:

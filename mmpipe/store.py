@@ -15,15 +15,22 @@ Prefix layout inside the bucket (see docs/architecture.md):
 
 from __future__ import annotations
 
+import http.client
 import json
-from collections.abc import Iterator
+import os
+import ssl
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from itertools import chain
 from typing import Any
+from urllib.parse import unquote_plus, urlsplit
+from xml.etree import ElementTree
 
 import boto3
 import botocore.exceptions
 import botocore.session
-import urllib3
 from botocore.config import Config
 from botocore.httpsession import get_cert_path
 
@@ -31,7 +38,10 @@ from mmpipe.config import Settings
 from mmpipe.errors import StoreError
 
 PRESIGN_SECONDS = 900
-FETCH_RETRIES = urllib3.Retry(total=3, backoff_factor=0.2, status_forcelist=(500, 502, 503, 504))
+FETCH_ATTEMPTS = 4
+RETRY_STATUSES = frozenset({500, 502, 503, 504})
+CONNECT_TIMEOUT, READ_TIMEOUT = 5.0, 120.0
+LIST_THREADS = 8
 
 
 @dataclass(frozen=True)
@@ -54,18 +64,89 @@ def split_uri(value: str) -> tuple[str, str]:
     return bucket, key
 
 
+class Getter:
+    """GETs of presigned URLs over one kept-alive ``http.client`` connection per thread and host.
+
+    Connections are opened lazily by the thread (and process) that uses them: a client copied into a
+    forked decode process, or shared by worker threads, never shares a socket. Connection failures
+    and 5xx answers are retried with backoff on a fresh connection; other answers fail at once.
+    """
+
+    def __init__(self) -> None:
+        self._local = threading.local()
+
+    def _connection(self, scheme: str, netloc: str) -> http.client.HTTPConnection:
+        local = self._local
+        if getattr(local, "pid", None) != os.getpid():
+            local.pid, local.connections = os.getpid(), {}
+        conn = local.connections.get((scheme, netloc))
+        if conn is None:
+            if scheme == "https":
+                context = ssl.create_default_context(cafile=get_cert_path(True))
+                conn = http.client.HTTPSConnection(netloc, timeout=CONNECT_TIMEOUT, context=context)
+            else:
+                conn = http.client.HTTPConnection(netloc, timeout=CONNECT_TIMEOUT)
+            local.connections[(scheme, netloc)] = conn
+        if conn.sock is None:
+            conn.connect()
+            conn.sock.settimeout(READ_TIMEOUT)
+        return conn
+
+    def get(self, url: str) -> bytes:
+        """The body of a 200 answer to GET ``url``; :class:`GetFailed` otherwise."""
+        parts = urlsplit(url)
+        target = f"{parts.path}?{parts.query}" if parts.query else parts.path
+        for attempt in range(FETCH_ATTEMPTS):
+            if attempt:
+                time.sleep(0.2 * 2 ** (attempt - 1))
+            conn = None
+            try:
+                conn = self._connection(parts.scheme, parts.netloc)
+                conn.request("GET", target)
+                response = conn.getresponse()
+                body = response.read()
+            except (OSError, http.client.HTTPException) as exc:
+                if conn is not None:
+                    conn.close()
+                failure = GetFailed(type(exc).__name__, refused=isinstance(exc, ConnectionRefusedError))
+                continue
+            if response.status == 200:
+                return body
+            failure = GetFailed(f"HTTP {response.status}", code=_error_code(body))
+            if response.status not in RETRY_STATUSES:
+                break
+        raise failure
+
+
+class GetFailed(Exception):
+    """A presigned GET that failed for good: what happened, the S3 error code if any, and whether
+    the endpoint refused the connection (it is down, not misbehaving)."""
+
+    def __init__(self, what: str, code: str | None = None, refused: bool = False):
+        super().__init__(f"{what} {code}" if code else what)
+        self.code, self.refused = code, refused
+
+
+def _error_code(body: bytes) -> str | None:
+    """The ``<Code>`` of an S3 error document, if the body is one."""
+    try:
+        return ElementTree.fromstring(body).findtext("Code")
+    except ElementTree.ParseError:
+        return None
+
+
 class Store:
     """Thin wrapper over an S3 client bound to one bucket; every error becomes a one-line StoreError."""
 
     def __init__(self, settings: Settings):
         self.bucket = settings.s3_bucket
-        self._pool: urllib3.PoolManager | None = None
+        self._getter = Getter()  # bulk reads; opens its connections lazily (see Getter)
         self.endpoint = settings.s3_endpoint_url or "AWS S3"
         secret = settings.s3_secret_access_key
         key_id = settings.s3_access_key_id
         session = botocore.session.Session()
-        # mmpipe never reads object timestamps; botocore's dateutil parsing of them is about two
-        # thirds of the CPU a listing costs, and listings are all an idle nightly run does.
+        # mmpipe never reads object timestamps from boto3 responses; botocore parses each with
+        # dateutil, a sizeable part of the CPU of a small get_object or head_object.
         session.get_component("response_parser_factory").set_parser_defaults(timestamp_parser=str)
         self._client = boto3.Session(botocore_session=session).client(
             "s3",
@@ -91,18 +172,39 @@ class Store:
                 "MMPIPE_S3_SECRET_ACCESS_KEY (or an AWS profile/role)"
             ) from None
         except botocore.exceptions.EndpointConnectionError:
-            raise StoreError(
-                f"image store unreachable at {self.endpoint}: start it (`mmpipe store serve`) "
-                "or set MMPIPE_S3_ENDPOINT_URL"
-            ) from None
+            raise self._unreachable() from None
         except botocore.exceptions.ClientError as exc:
             code = exc.response.get("Error", {}).get("Code", "?")
             if code == "NoSuchBucket" or (code == "404" and "bucket" in what):
-                raise StoreError(
-                    f"bucket {self.bucket!r} does not exist at {self.endpoint}: run `mmpipe init` "
-                    "or set MMPIPE_S3_BUCKET"
-                ) from None
+                raise self._no_bucket() from None
             raise StoreError(f"{what} failed on {self.endpoint}: {code}") from None
+
+    def _unreachable(self) -> StoreError:
+        return StoreError(
+            f"image store unreachable at {self.endpoint}: start it (`mmpipe store serve`) "
+            "or set MMPIPE_S3_ENDPOINT_URL"
+        )
+
+    def _no_bucket(self) -> StoreError:
+        return StoreError(
+            f"bucket {self.bucket!r} does not exist at {self.endpoint}: run `mmpipe init` or set MMPIPE_S3_BUCKET"
+        )
+
+    def _presigned_get(self, what: str, operation: str, **params: Any) -> bytes:
+        """GET what boto3 presigns for ``operation``: the bulk paths (listing, reading objects) at a
+        fraction of the client CPU of a boto3 call, with the same endpoint, credentials and addressing."""
+        url = self._call(
+            what, self._client.generate_presigned_url, ClientMethod=operation, Params=params,
+            ExpiresIn=PRESIGN_SECONDS,
+        )  # fmt: skip
+        try:
+            return self._getter.get(url)
+        except GetFailed as exc:
+            if exc.refused:
+                raise self._unreachable() from None
+            if exc.code == "NoSuchBucket":
+                raise self._no_bucket() from None
+            raise StoreError(f"{what} failed on {self.endpoint}: {exc}") from None
 
     def uri(self, key: str) -> str:
         return uri(self.bucket, key)
@@ -125,37 +227,49 @@ class Store:
         """Fail with one clear line when the store or bucket is not usable."""
         self._call("head bucket", self._client.head_bucket, Bucket=self.bucket)
 
-    def list(self, prefix: str) -> Iterator[ObjectInfo]:
-        paginator = self._client.get_paginator("list_objects_v2")
-        pages = self._call(
-            "list", lambda **kw: list(paginator.paginate(**kw)), Bucket=self.bucket, Prefix=prefix
-        )
-        for page in pages:
-            for item in page.get("Contents", []):
-                yield ObjectInfo(
-                    item["Key"], item["ETag"].strip('"'), item["Size"], str(item.get("LastModified", ""))
+    def list(self, prefix: str) -> list[ObjectInfo]:
+        """Every object under ``prefix``, sorted by key.
+
+        The folders one level below ``prefix`` (``training/<class>/``) are listed concurrently: the
+        server does the work of a listing, so a nightly run with nothing new waits on it, and
+        folders in parallel roughly halve that wait here. Pages are presigned ListObjectsV2 GETs
+        parsed with ElementTree (8 vs 45 ms of CPU per 1,000 keys through botocore's parser).
+        """
+        direct, folders = self._list_pages(prefix, delimiter="/")
+        with ThreadPoolExecutor(LIST_THREADS) as pool:
+            nested = list(pool.map(lambda folder: self._list_pages(folder)[0], folders))
+        return sorted(chain(direct, *nested), key=lambda o: o.key)
+
+    def _list_pages(self, prefix: str, delimiter: str = "") -> tuple[list[ObjectInfo], list[str]]:
+        """Objects under ``prefix`` and, with a delimiter, the common prefixes rolled up by it."""
+        params = {"Bucket": self.bucket, "Prefix": prefix, "EncodingType": "url"}
+        if delimiter:
+            params["Delimiter"] = delimiter
+        objects, folders = [], []
+        while True:
+            page = ElementTree.fromstring(self._presigned_get("list " + prefix, "list_objects_v2", **params))
+            objects += [
+                ObjectInfo(
+                    unquote_plus(item.findtext("{*}Key", "")),
+                    item.findtext("{*}ETag", "").strip('"'),
+                    int(item.findtext("{*}Size", "0")),
+                    item.findtext("{*}LastModified", ""),
                 )
+                for item in page.iterfind("{*}Contents")
+            ]
+            folders += [unquote_plus(p.findtext("{*}Prefix", "")) for p in page.iterfind("{*}CommonPrefixes")]
+            token = page.findtext("{*}NextContinuationToken")
+            if page.findtext("{*}IsTruncated") != "true" or not token:
+                return objects, folders
+            params["ContinuationToken"] = token
 
     def get(self, key: str) -> bytes:
         return self._call("get " + key, self._client.get_object, Bucket=self.bucket, Key=key)["Body"].read()
 
     def fetch(self, key: str) -> bytes:
-        """The bulk-read path (ingest, scoring): a GET presigned by the same boto3 client, sent over a
-        pooled connection. Same endpoint, credentials and addressing as every other call, at about
-        half the client CPU of ``get_object`` (0.65 vs 1.26 ms per object measured here), which is
-        what bounds ingest on a small machine."""
-        url = self._client.generate_presigned_url(
-            "get_object", Params={"Bucket": self.bucket, "Key": key}, ExpiresIn=PRESIGN_SECONDS
-        )
-        if self._pool is None:  # created lazily: a forked decode process must not share sockets
-            self._pool = urllib3.PoolManager(maxsize=32, ca_certs=get_cert_path(True), retries=FETCH_RETRIES)
-        try:
-            response = self._pool.request("GET", url, timeout=urllib3.Timeout(connect=5, read=120))
-        except urllib3.exceptions.HTTPError as exc:
-            raise StoreError(f"get {key} failed on {self.endpoint}: {type(exc).__name__}") from None
-        if response.status != 200:
-            raise StoreError(f"get {key} failed on {self.endpoint}: HTTP {response.status}")
-        return response.data
+        """The bulk-read path (ingest, scoring): 0.50 vs 1.28 ms of client CPU per object through
+        ``get_object`` (measured here), which is what bounds ingest on a small machine."""
+        return self._presigned_get("get " + key, "get_object", Bucket=self.bucket, Key=key)
 
     def head(self, key: str) -> ObjectInfo | None:
         try:

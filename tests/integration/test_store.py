@@ -48,8 +48,32 @@ def test_listing_pages_and_prefixes(ready) -> None:
     for i in range(1005):  # more than one 1,000-key page
         store.put(f"training/brain_mri/{i:05d}.dcm", b"x")
     store.put("incoming/other.dcm", b"y")
-    assert len(list(store.list("training/"))) == 1005
+    nested = ["training/top.dcm", "training/zz/deeper/still/c.dcm", "training/brain_mri~/x.dcm"]
+    for key in nested:
+        store.put(key, b"z")
+    keys = [o.key for o in store.list("training/")]
+    assert len(keys) == 1008 and keys == sorted(keys) and set(nested) <= set(keys)
+    assert [o.key for o in store.list("training/brain")] == keys[:1006]  # a prefix that is no folder
     assert [o.key for o in store.list("incoming/")] == ["incoming/other.dcm"]
+
+
+def test_listing_reports_what_head_reports_for_awkward_keys(ready) -> None:
+    _, store, _ = ready()
+    keys = ["training/x/a b+c.dcm", "training/x/\u00fc%20&<>'.dcm", "training/x/tab\there.dcm", "training/x/p.dcm"]
+    for n, key in enumerate(keys):
+        store.put(key, bytes(n + 1))
+    listed = {o.key: o for o in store.list("training/x/")}
+    assert sorted(listed) == sorted(keys)
+    for key in keys:
+        head = store.head(key)
+        assert (listed[key].etag, listed[key].size) == (head.etag, head.size)
+        assert listed[key].modified
+
+
+def test_listing_a_missing_bucket_names_the_fix(make_settings) -> None:
+    missing = open_store(make_settings())  # its bucket was never created
+    with pytest.raises(StoreError, match="does not exist.*mmpipe init"):
+        list(missing.list("training/"))
 
 
 def test_uri_helpers(ready) -> None:
