@@ -47,6 +47,7 @@ import warnings
 from collections import Counter, defaultdict, deque
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -472,6 +473,23 @@ def _worker_fetch(objects: list[ObjectInfo]) -> list[Outcome]:
     return [_fetch_and_process(*_worker, obj) for obj in objects]
 
 
+def _isolated_worker(store: Store, context: _Context, parent: int, obj: ObjectInfo, send: Any) -> None:
+    """One object in a process of its own (see :meth:`Fetcher.isolated`): send its outcome, exit."""
+    _worker_start(store, context, parent)
+    send.send(_worker_fetch([obj])[0])
+    send.close()
+
+
+def _crash_rejection(exitcode: int | None) -> Rejected:
+    """Why a process that decoded one object died without an answer."""
+    if exitcode is not None and exitcode < 0:
+        name = signal.Signals(-exitcode).name
+        if -exitcode == signal.SIGKILL:  # what the kernel's OOM killer sends
+            return Rejected(Reason.TOO_LARGE, f"decode process killed ({name}; out of memory?)")
+        return Rejected(Reason.CORRUPT, f"decode process crashed ({name})")
+    return Rejected(Reason.CORRUPT, f"decode process exited with status {exitcode} without a result")
+
+
 def decode_processes(settings: Settings) -> int:
     """How many processes fetch and decode in parallel (1: the task's own threads do)."""
     if "fork" not in multiprocessing.get_all_start_methods():
@@ -479,27 +497,40 @@ def decode_processes(settings: Settings) -> int:
     return settings.ingest_processes or (os.cpu_count() or 1) + 1
 
 
+@dataclass
+class _Chunk:
+    objects: list[ObjectInfo]
+    future: Future[list[Outcome]]
+    pool: Executor
+
+
 class Fetcher:
     """Fetches and decodes objects in parallel: forked processes (decoding is CPU-bound Python, so
     threads would share one core), or ``ingest_workers`` threads where processes are off.
 
     One fetcher serves a whole run, so batches queue behind each other without new processes and
-    the next batch decodes while the previous one is recorded.
+    the next batch decodes while the previous one is recorded. A decode process that dies (the OOM
+    killer, a crashing C decoder) must not fail the run, nor its retries: the objects whose results
+    it took down are decoded again one process each, and the one whose process dies is quarantined.
     """
 
     def __init__(self, settings: Settings, store: Store, context: _Context, objects: int):
         self.processes = min(decode_processes(settings), max(objects, 1))
-        self.chunk = PROCESS_CHUNK if self.processes > 1 else 1
-        self.store, self.context = store, context
-        if self.processes > 1:
-            self.pool: Executor = ProcessPoolExecutor(
-                self.processes,
-                mp_context=multiprocessing.get_context("fork"),
-                initializer=_worker_start,
-                initargs=(Store(settings), context, os.getpid()),
-            )
+        self.store, self.context, self.settings = store, context, settings
+        if decode_processes(settings) > 1:
+            # built here, used only by the decode processes: none shares a connection (_worker_start)
+            self.worker_store = Store(settings)
+            self.pool = self._process_pool()
         else:
             self.pool = ThreadPoolExecutor(settings.ingest_workers)
+
+    def _process_pool(self) -> Executor:
+        return ProcessPoolExecutor(
+            self.processes,
+            mp_context=multiprocessing.get_context("fork"),
+            initializer=_worker_start,
+            initargs=(self.worker_store, self.context, os.getpid()),
+        )
 
     def __enter__(self) -> Fetcher:
         return self
@@ -510,12 +541,58 @@ class Fetcher:
     def _local(self, objects: list[ObjectInfo]) -> list[Outcome]:
         return [_fetch_and_process(self.store, self.context, o) for o in objects]
 
-    def submit(self, objects: Sequence[ObjectInfo]) -> list[Future[list[Outcome]]]:
-        work = _worker_fetch if self.processes > 1 else self._local
-        return [
-            self.pool.submit(work, list(objects[i : i + self.chunk]))
-            for i in range(0, len(objects), self.chunk)
-        ]
+    def submit(self, objects: Sequence[ObjectInfo]) -> list[_Chunk]:
+        if isinstance(self.pool, ThreadPoolExecutor):
+            return [_Chunk([o], self.pool.submit(self._local, [o]), self.pool) for o in objects]
+        chunks = [list(objects[i : i + PROCESS_CHUNK]) for i in range(0, len(objects), PROCESS_CHUNK)]
+        return [self._submit_chunk(chunk) for chunk in chunks]
+
+    def _submit_chunk(self, objects: list[ObjectInfo]) -> _Chunk:
+        try:
+            return _Chunk(objects, self.pool.submit(_worker_fetch, objects), self.pool)
+        except BrokenProcessPool:
+            self._replace_pool(self.pool)
+            return _Chunk(objects, self.pool.submit(_worker_fetch, objects), self.pool)
+
+    def _replace_pool(self, broken: Executor) -> None:
+        if broken is self.pool:
+            broken.shutdown(wait=False, cancel_futures=True)
+            self.pool = self._process_pool()
+
+    def results(self, chunk: _Chunk) -> list[Outcome]:
+        """The chunk's outcomes; if its decode process died, each object decoded again on its own."""
+        try:
+            return chunk.future.result()
+        except BrokenProcessPool:
+            self._replace_pool(chunk.pool)
+            return self.isolated(chunk.objects)
+
+    def isolated(self, objects: list[ObjectInfo]) -> list[Outcome]:
+        """Each object in a fresh process of its own, ``processes`` at a time; an object whose process
+        dies without an answer is quarantined with the cause (see :func:`_crash_rejection`)."""
+        context = multiprocessing.get_context("fork")
+        outcomes = []
+        for start in range(0, len(objects), self.processes):
+            running = []
+            for obj in objects[start : start + self.processes]:
+                receive, send = context.Pipe(duplex=False)
+                process = context.Process(
+                    target=_isolated_worker, args=(self.worker_store, self.context, os.getpid(), obj, send)
+                )
+                process.start()
+                send.close()
+                running.append((obj, process, receive))
+            for obj, process, receive in running:
+                try:
+                    outcome = receive.recv()
+                except EOFError:  # died before answering
+                    process.join()
+                    outcome = Outcome(obj, quarantined=[_rejection("", _crash_rejection(process.exitcode))])
+                    log.warning("decode process for one object died (exit %s); quarantined", process.exitcode)
+                process.join()
+                receive.close()
+                outcomes.append(outcome)
+        return outcomes
 
 
 def _context(settings: Settings, catalog: Catalog, prefix: str, labeler: Labeler | None = None) -> _Context:
@@ -533,11 +610,12 @@ def _record_batch(
     catalog: Catalog,
     run_id: str,
     objects: Sequence[ObjectInfo],
-    futures: list[Future[list[Outcome]]],
+    fetcher: Fetcher,
+    chunks: list[_Chunk],
 ) -> dict[str, int]:
     started, outcomes, mark = time.monotonic(), [], 0
-    for future in futures:
-        outcomes += future.result()
+    for chunk in chunks:
+        outcomes += fetcher.results(chunk)
         if len(outcomes) >= mark or len(outcomes) == len(objects):
             _progress("batch", len(outcomes), len(objects), started)
             mark = len(outcomes) + max(1, len(objects) // 10)
@@ -554,7 +632,7 @@ def ingest_objects(
 ) -> dict[str, int]:
     """Ingest one batch: bounded parallel fetch+decode, shards, then one catalog transaction."""
     with Fetcher(settings, store, _context(settings, catalog, prefix), len(objects)) as fetcher:
-        return _record_batch(settings, store, catalog, run_id, objects, fetcher.submit(objects))
+        return _record_batch(settings, store, catalog, run_id, objects, fetcher, fetcher.submit(objects))
 
 
 def _stored_labels(conn: Connection, image_ids: Iterable[str], batch_keys: set[str]) -> dict[str, str]:
@@ -831,19 +909,36 @@ def run(
     """
     new, listed, labeler = _list_new(store, catalog, prefix, settings)
     start_run(catalog, run_id, prefix)
+    results = _ingest_all(
+        settings, store, catalog, run_id, new, _context(settings, catalog, prefix, labeler), batch_size
+    )
+    return finish_run(store, catalog, run_id, len(new), listed, results)
+
+
+def _ingest_all(
+    settings: Settings,
+    store: Store,
+    catalog: Catalog,
+    run_id: str,
+    new: list[ObjectInfo],
+    context: _Context,
+    batch_size: int,
+) -> list[dict[str, int]]:
+    if not new:  # an idle night starts no decode process
+        return []
     started, results = time.monotonic(), []
-    pending: deque[tuple[list[ObjectInfo], list[Future[list[Outcome]]]]] = deque()
+    pending: deque[tuple[list[ObjectInfo], list[_Chunk]]] = deque()
+    with Fetcher(settings, store, context, len(new)) as fetcher:
 
-    def record_oldest() -> None:
-        objects, futures = pending.popleft()
-        results.append(_record_batch(settings, store, catalog, run_id, objects, futures))
-        _progress("run", sum(r["objects"] for r in results), len(new), started)
+        def record_oldest() -> None:
+            objects, chunks = pending.popleft()
+            results.append(_record_batch(settings, store, catalog, run_id, objects, fetcher, chunks))
+            _progress("run", sum(r["objects"] for r in results), len(new), started)
 
-    with Fetcher(settings, store, _context(settings, catalog, prefix, labeler), len(new)) as fetcher:
         for batch in batches(new, batch_size):
             pending.append((batch, fetcher.submit(batch)))
             if len(pending) == 2:
                 record_oldest()
         while pending:
             record_oldest()
-    return finish_run(store, catalog, run_id, len(new), listed, results)
+    return results

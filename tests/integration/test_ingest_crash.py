@@ -1,0 +1,49 @@
+"""A decode process that dies (the OOM killer's SIGKILL, a C decoder's segfault) costs one object,
+never the run or its retries: the object is quarantined with the cause, every other one ingests."""
+
+from __future__ import annotations
+
+import faulthandler
+import os
+import signal
+
+import pytest
+
+from mmpipe import ingest
+from mmpipe.imaging import decode_image as real_decode_image
+from tests.dicom_factory import dicom_bytes
+
+pytestmark = pytest.mark.integration
+
+KILLERS = {b"POISON-KILL": signal.SIGKILL, b"POISON-SEGV": signal.SIGSEGV}
+
+
+def dying_decode(data: bytes, *args, **kwargs):
+    """The real decoder, except that marked objects take their process down, as a bomb or a bug would."""
+    for marker, sig in KILLERS.items():
+        if data.startswith(marker):
+            faulthandler.disable()  # pytest's crash dump of the dying child is noise here
+            os.kill(os.getpid(), sig)
+    return real_decode_image(data, *args, **kwargs)
+
+
+@pytest.mark.parametrize("batch_size", [3, 200])  # pipelined batches share the broken pool, or one batch
+def test_dead_decode_processes_quarantine_their_object_only(ready, monkeypatch, batch_size) -> None:
+    settings, store, catalog = ready(ingest_processes=2)
+    monkeypatch.setattr(ingest, "decode_image", dying_decode)  # forked decode processes inherit it
+    for n in range(7):
+        store.put(f"training/lung_ct/P{n}/ct.dcm", dicom_bytes(n, Modality="CT"))
+    store.put("training/lung_ct/P8/bomb.dcm", b"POISON-KILL" + bytes(64))
+    store.put("training/lung_ct/P9/bug.dcm", b"POISON-SEGV" + bytes(64))
+
+    report = ingest.run(settings, store, catalog, "crash", batch_size=batch_size)
+
+    assert report["status"] == "succeeded"
+    assert (report["ingested"], report["quarantined"], report["images"]) == (7, 2, 7)
+    rows = catalog.query("SELECT source_key, reason, detail FROM quarantine ORDER BY source_key")
+    assert [(r["source_key"], r["reason"]) for r in rows] == [
+        ("training/lung_ct/P8/bomb.dcm", "too_large"),
+        ("training/lung_ct/P9/bug.dcm", "corrupt"),
+    ]
+    assert "SIGKILL" in rows[0]["detail"] and "SIGSEGV" in rows[1]["detail"]
+    assert ingest.run(settings, store, catalog, "crash-again")["new_objects"] == 0
