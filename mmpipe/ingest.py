@@ -4,8 +4,13 @@ Ledger. ``source_objects`` holds one row per (key, ETag) ever processed. A run p
 listed objects whose (key, ETag) is not recorded, so a rerun with nothing new lists, compares and
 writes nothing but its run report. A changed ETag supersedes the key's older rows; the images the
 old version produced and the new one does not are retired, unless a recorded duplicate from a
-current source holds the same pixels, which then takes the image over. Objects quarantined as
-``unlabelled`` are queued again as soon as a manifest or the key gives them a label.
+current source holds the same pixels, which then takes the image over.
+
+Labels follow their sources. A run whose label manifests, classes or header rules differ from
+those of the last successful run over the prefix (hashes in ``label_state``) queues again every
+recorded object with a member whose label that changes: relabelled, newly labelled, or withdrawn
+(its image retired, the member quarantined ``unlabelled``). Pixels are unchanged, so image ids are
+too. Frozen test snapshots keep the labels they were frozen with: correcting those is a new freeze.
 
 Parallelism. Fetching and decoding run in forked processes (``ingest_processes``; decoding is
 CPU-bound Python, which threads would confine to one core), or in ``ingest_workers`` threads where
@@ -290,39 +295,86 @@ def load_labeler(settings: Settings, catalog: Catalog, prefix: str) -> Labeler:
     return Labeler(classes, manifests, rules)
 
 
-def _now_labelled(catalog: Catalog, prefix: str, labeler: Labeler) -> set[tuple[str, str]]:
-    """Current (key, ETag)s with an ``unlabelled`` member that a manifest or the key now labels."""
-    rows = catalog.query(
-        "SELECT q.source_key, q.source_etag, q.member_path FROM quarantine q JOIN source_objects s "
-        "ON s.source_key = q.source_key AND s.etag = q.source_etag WHERE q.reason = :r "
-        "AND s.status <> 'superseded' AND q.source_key LIKE :p ESCAPE '\\'",
-        r=str(Reason.UNLABELLED),
-        p=like_prefix(prefix),
-    )
-    found = set()
-    for row in rows:
-        try:
-            if labeler.explicit(row["source_key"], row["member_path"]):
-                found.add((row["source_key"], row["source_etag"]))
-        except Rejected:
-            continue
-    return found
+@dataclass(frozen=True)
+class Labeling:
+    """Hashes of what labels are resolved with: classes and header rules, and the label manifests."""
+
+    rules: str
+    manifests: str
+
+    @classmethod
+    def of(cls, settings: Settings, manifests: Sequence[ObjectInfo]) -> Labeling:
+        def digest(value: Any) -> str:
+            return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:32]
+
+        rules = digest([list(settings.classes), list(settings.label_rules)])
+        return cls(rules, digest(sorted((o.key, o.etag) for o in manifests)))
 
 
-def list_new(store: Store, catalog: Catalog, prefix: str, settings: Settings) -> tuple[list[ObjectInfo], int]:
-    """Data objects under ``prefix`` to process now, and how many are listed in all (see :func:`_list_new`)."""
-    new, listed, _ = _list_new(store, catalog, prefix, settings)
-    return new, listed
+LABELLED = (
+    "SELECT x.source_key, x.source_etag, x.member_path, {label} FROM {table} x JOIN source_objects s "
+    "ON s.source_key = x.source_key AND s.etag = x.source_etag "
+    "WHERE s.status <> 'superseded' AND x.source_key LIKE :p ESCAPE '\\' {where}"
+)
 
 
-def _list_new(
-    store: Store, catalog: Catalog, prefix: str, settings: Settings
-) -> tuple[list[ObjectInfo], int, Labeler]:
+def _stale_labels(
+    catalog: Catalog, prefix: str, labeler: Labeler, rules_changed: bool
+) -> set[tuple[str, str]]:
+    """Current (key, ETag)s with an image, duplicate or unlabelled member whose label would now differ."""
+    columns = "x.label, x.label_source"
+    rows = [
+        *catalog.query(
+            LABELLED.format(label=columns, table="images", where="AND x.status <> 'retired'"),
+            p=like_prefix(prefix),
+        ),
+        *catalog.query(LABELLED.format(label=columns, table="duplicates", where=""), p=like_prefix(prefix)),
+        *catalog.query(
+            LABELLED.format(
+                label="NULL AS label, NULL AS label_source", table="quarantine", where="AND x.reason = :r"
+            ),
+            p=like_prefix(prefix),
+            r=str(Reason.UNLABELLED),
+        ),
+    ]
+    return {(r["source_key"], r["source_etag"]) for r in rows if _label_changes(labeler, r, rules_changed)}
+
+
+def _label_changes(labeler: Labeler, row: dict[str, Any], rules_changed: bool) -> bool:
+    """Whether resolving ``row``'s member today could give another label than the stored one."""
+    try:
+        now = labeler.explicit(row["source_key"], row["member_path"])
+    except Rejected:  # a manifest now names an unknown class: unlabelled from now on
+        return row["label"] is not None
+    if now is not None:
+        return (now.name, now.source) != (row["label"], row["label_source"])
+    # no manifest or folder speaks: header rules decide (if they changed), or it stays unlabelled
+    return row["label_source"] in ("manifest", "prefix") or rules_changed
+
+
+@dataclass(frozen=True)
+class Listing:
+    new: list[ObjectInfo]  # to process now
+    listed: int  # data objects under the prefix
+    labeler: Labeler
+    labeling: Labeling
+
+
+def open_run(store: Store, catalog: Catalog, run_id: str, prefix: str, settings: Settings) -> Listing:
+    """List what to process under ``prefix`` and record the run as started."""
+    listing = _list_new(store, catalog, prefix, settings)
+    start_run(catalog, run_id, prefix, listing.labeling)
+    return listing
+
+
+def _list_new(store: Store, catalog: Catalog, prefix: str, settings: Settings) -> Listing:
     """Data objects under ``prefix`` to process now, and how many data objects are listed in all.
 
-    New means: (key, ETag) not recorded, or recorded with an unlabelled member that now has a label.
-    Label manifests are refreshed on the way and are not data objects. An empty prefix is a
-    configuration mistake (wrong bucket or prefix), not a quiet night: it fails with the fix.
+    New means: (key, ETag) not recorded, or recorded with a member whose label the current
+    manifests, classes or header rules change (looked for only when their hashes differ from those
+    of the last successful run). Label manifests are refreshed on the way and are not data objects.
+    An empty prefix is a configuration mistake (wrong bucket or prefix), not a quiet night: it
+    fails with the fix.
     """
     names = settings.label_manifest_names
     listed = list(store.list(prefix))
@@ -332,7 +384,8 @@ def _list_new(
             f"nothing to ingest: {store.uri(prefix)} is empty. Upload studies as {prefix}<class>/..., "
             "or check MMPIPE_S3_BUCKET / the prefix"
         )
-    refresh_manifests(store, catalog, prefix, [o for o in listed if is_manifest(o.key, names)])
+    manifests = [o for o in listed if is_manifest(o.key, names)]
+    refresh_manifests(store, catalog, prefix, manifests)
     seen = {
         (r["source_key"], r["etag"])
         for r in catalog.query(
@@ -342,13 +395,19 @@ def _list_new(
         )
     }
     labeler = load_labeler(settings, catalog, prefix)  # after the manifest refresh
-    again = _now_labelled(catalog, prefix, labeler)
+    labeling = Labeling.of(settings, manifests)
+    last = catalog.query("SELECT rules_hash, manifests_hash FROM label_state WHERE prefix = :p", p=prefix)
+    again: set[tuple[str, str]] = set()
+    if not last or (last[0]["rules_hash"], last[0]["manifests_hash"]) != (labeling.rules, labeling.manifests):
+        again = _stale_labels(
+            catalog, prefix, labeler, bool(last) and last[0]["rules_hash"] != labeling.rules
+        )
     new = [o for o in data if (o.key, o.etag) not in seen or (o.key, o.etag) in again]
     log.info(
-        "ingest listing %s: %d data objects, %d label manifests, %d to process (%d newly labelled)",
-        prefix, len(data), len(listed) - len(data), len(new), len(again),
+        "ingest listing %s: %d data objects, %d label manifests, %d to process (%d for a changed label)",
+        prefix, len(data), len(manifests), len(new), sum(1 for o in new if (o.key, o.etag) in again),
     )  # fmt: skip
-    return new, len(data), labeler
+    return Listing(new, len(data), labeler, labeling)
 
 
 def batches(objects: Sequence[ObjectInfo], batch_size: int) -> list[list[ObjectInfo]]:
@@ -810,8 +869,10 @@ def _source_rows(
 # --------------------------------------------------------------------------- runs
 
 
-def start_run(catalog: Catalog, run_id: str, prefix: str) -> None:
+def start_run(catalog: Catalog, run_id: str, prefix: str, labeling: Labeling | None = None) -> None:
     row = {"run_id": run_id, "prefix": prefix, "status": "running"}
+    if labeling:
+        row |= {"rules_hash": labeling.rules, "manifests_hash": labeling.manifests}
     catalog.upsert("ingest_runs", [row], ["run_id"])
 
 
@@ -828,7 +889,10 @@ def finish_run(
     for result in results:
         totals.update(result)
     accounted = totals["ingested"] + totals["duplicate"] + totals["quarantined"]
-    prefix = catalog.scalar("SELECT prefix FROM ingest_runs WHERE run_id = :r", r=run_id) or TRAINING_PREFIX
+    run = catalog.query(
+        "SELECT prefix, rules_hash, manifests_hash FROM ingest_runs WHERE run_id = :r", r=run_id
+    )
+    prefix = run[0]["prefix"] if run else TRAINING_PREFIX
     manifests = catalog.query(
         "SELECT manifest_key, status, detail FROM label_manifests WHERE manifest_key LIKE :p ESCAPE '\\' "
         "ORDER BY manifest_key",
@@ -886,6 +950,11 @@ def finish_run(
         run_id, status, new_objects, listed, totals["ingested"], totals["duplicate"], totals["quarantined"],
         totals["images"],
     )  # fmt: skip
+    if status == "succeeded" and run and run[0]["rules_hash"]:  # labels now reflect this run's labeling
+        state = {"prefix": prefix, "run_id": run_id}
+        catalog.upsert(
+            "label_state", [state | {k: run[0][k] for k in ("rules_hash", "manifests_hash")}], ["prefix"]
+        )
     if status != "succeeded":
         raise MmpipeError(
             f"ingest accounting broken for run {run_id}: {new_objects} new objects but {accounted} accounted "
@@ -907,12 +976,10 @@ def run(
     One fetcher serves every batch, and the next batch is decoding while one is recorded (at most
     two batches of outcomes are held in memory).
     """
-    new, listed, labeler = _list_new(store, catalog, prefix, settings)
-    start_run(catalog, run_id, prefix)
-    results = _ingest_all(
-        settings, store, catalog, run_id, new, _context(settings, catalog, prefix, labeler), batch_size
-    )
-    return finish_run(store, catalog, run_id, len(new), listed, results)
+    listing = open_run(store, catalog, run_id, prefix, settings)
+    context = _context(settings, catalog, prefix, listing.labeler)
+    results = _ingest_all(settings, store, catalog, run_id, listing.new, context, batch_size)
+    return finish_run(store, catalog, run_id, len(listing.new), listing.listed, results)
 
 
 def _ingest_all(

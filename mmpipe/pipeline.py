@@ -29,17 +29,16 @@ def ingest_list(run_id: str, prefix: str = ingest.TRAINING_PREFIX, batch_size: i
     """Record the run, find new objects and write one batch manifest per mapped task."""
     settings, store, catalog = connect()
     store.check()
-    new, listed = ingest.list_new(store, catalog, prefix, settings)
-    ingest.start_run(catalog, run_id, prefix)
+    listing = ingest.open_run(store, catalog, run_id, prefix, settings)
     slug = ingest.run_slug(run_id)
     uris = [
         store.put_json(
             f"reports/ingest/{slug}/batches/{n:05d}.json",
             {"prefix": prefix, "objects": [asdict(o) for o in b]},
         )
-        for n, b in enumerate(ingest.batches(new, batch_size))
+        for n, b in enumerate(ingest.batches(listing.new, batch_size))
     ]
-    return {"listed": listed, "new_objects": len(new), "batch_uris": uris}
+    return {"listed": listing.listed, "new_objects": len(listing.new), "batch_uris": uris}
 
 
 def ingest_all(run_id: str, prefix: str = ingest.TRAINING_PREFIX, batch_size: int = 200) -> dict[str, Any]:

@@ -121,19 +121,20 @@ def freeze_test(catalog: Catalog, store: Store, name: str, reason: str) -> dict:
     with catalog.begin() as conn:
         catalog.upsert("test_snapshots", [row], ["name"], conn, update=False)
         conn.execute(
-            sa.text("INSERT INTO test_snapshot_members (name, image_id) VALUES (:n, :i)"),
-            [{"n": name, "i": i} for i in ids],
+            sa.text("INSERT INTO test_snapshot_members (name, image_id, label) VALUES (:n, :i, :l)"),
+            [{"n": name, "i": m["image_id"], "l": m["label"]} for m in members],
         )
     return row
 
 
 def snapshot_images(catalog: Catalog, name: str) -> list[dict]:
-    """The frozen members of a snapshot (whatever their status today), verified against its hash."""
+    """The frozen members of a snapshot with their frozen labels (whatever the image's status or label
+    today), verified against its hash."""
     recorded = catalog.scalar("SELECT content_hash FROM test_snapshots WHERE name = :n", n=name)
     if recorded is None:
         raise MmpipeError(f"test snapshot {name!r} not found; freeze one with `mmpipe dataset freeze-test`")
     rows = catalog.query(
-        "SELECT i.image_id, i.label, i.patient_key, i.shard_uri, i.shard_index FROM test_snapshot_members m "
+        "SELECT i.image_id, m.label, i.patient_key, i.shard_uri, i.shard_index FROM test_snapshot_members m "
         "JOIN images i ON i.image_id = m.image_id WHERE m.name = :n ORDER BY i.image_id",
         n=name,
     )

@@ -30,6 +30,7 @@ TABLES = {
     "promotions",
     "predictions",
     "score_failures",
+    "label_state",
 }
 
 
@@ -48,6 +49,24 @@ def test_upgrade_creates_schema_and_is_idempotent(db) -> None:
     assert names >= TABLES | {"schema_migrations"}
     assert "leaderboard" in sa.inspect(db.engine).get_view_names()
     assert catalog_mod.current_version(db) == catalog_mod.migrations()[-1][0]
+
+
+def test_snapshot_labels_are_backfilled_from_the_images_they_froze(db, tmp_path) -> None:
+    """A catalog frozen before migration 005 keeps evaluating against the labels its images had."""
+    older = tmp_path / "sql"
+    older.mkdir()
+    for version, path in catalog_mod.migrations():
+        if version < "005":
+            (older / path.name).write_text(path.read_text())
+    catalog_mod.upgrade(db, older)
+    image = {"image_id": "img1", "source_key": "training/a.dcm", "source_etag": "e", "member_path": ""}
+    image |= {"label": "lung_ct", "label_source": "prefix", "patient_key": "p", "study_key": "s"}
+    image |= {"orig_rows": 8, "orig_cols": 8, "bits_stored": 8, "pixel_mean": 1.0, "pixel_std": 1.0}
+    image |= {"shard_uri": "s3://b/curated/x.npz", "shard_index": 0, "ingest_run_id": "r"}
+    db.upsert("images", [image], ["image_id"])
+    db.execute("INSERT INTO test_snapshot_members (name, image_id) VALUES ('test-v1', 'img1')")
+    assert "005" in catalog_mod.upgrade(db)
+    assert db.scalar("SELECT label FROM test_snapshot_members WHERE image_id = 'img1'") == "lung_ct"
 
 
 def test_not_migrated_is_one_clear_error(db) -> None:

@@ -166,9 +166,12 @@ def test_frozen_test_set_never_changes_when_new_data_arrives(env):
     with pytest.raises(MmpipeError, match="immutable"):
         dataset.prepare_dataset(settings, store, catalog, "retrain__4", freeze_test="test-v2")
 
-    # excluding an image later does not shrink a snapshot; editing its member list is detected
+    # excluding or relabelling an image later changes no snapshot; editing its member list is detected
+    frozen = splits.snapshot_images(catalog, "test-v1")
     catalog.execute("UPDATE images SET status = 'excluded' WHERE image_id = :i", {"i": members[0]})
-    assert [m["image_id"] for m in splits.snapshot_images(catalog, "test-v1")] == members
+    relabel = "chest_xray" if frozen[1]["label"] != "chest_xray" else "lung_ct"
+    catalog.execute("UPDATE images SET label = :l WHERE image_id = :i", {"l": relabel, "i": members[1]})
+    assert splits.snapshot_images(catalog, "test-v1") == frozen
     catalog.execute(
         "DELETE FROM test_snapshot_members WHERE name = 'test-v1' AND image_id = :i", {"i": members[0]}
     )

@@ -388,8 +388,8 @@ def test_retrying_a_committed_batch_changes_nothing(ready) -> None:
     for n in range(3):
         store.put(f"training/liver_ct/P{n}/a.dcm", dicom(pattern(60 + n), modality="CT"))
     store.put("training/liver_ct/P9/bad.dcm", b"garbage" * 40)
-    ingest.start_run(catalog, "retry", "training/")
-    new, listed = ingest.list_new(store, catalog, "training/", settings)
+    listing = ingest.open_run(store, catalog, "retry", "training/", settings)
+    new, listed = listing.new, listing.listed
     first = ingest.ingest_objects(settings, store, catalog, "retry", new, "training/")
     before = snapshot(store, catalog)
     time.sleep(1.1)  # CURRENT_TIMESTAMP has one-second resolution: a rewritten row must show
@@ -402,8 +402,8 @@ def test_retrying_a_committed_batch_changes_nothing(ready) -> None:
 def test_object_deleted_after_listing_is_accounted(ready, pg_url) -> None:
     settings, store, catalog = ready(database_url=pg_url)
     store.put("training/brain_mri/P1/a.dcm", dicom(pattern(70)))
-    ingest.start_run(catalog, "gone", "training/")
-    new, listed = ingest.list_new(store, catalog, "training/", settings)
+    listing = ingest.open_run(store, catalog, "gone", "training/", settings)
+    new, listed = listing.new, listing.listed
     store._client.delete_object(Bucket=store.bucket, Key="training/brain_mri/P1/a.dcm")
     result = ingest.ingest_objects(settings, store, catalog, "gone", new, "training/")
     assert ingest.finish_run(store, catalog, "gone", len(new), listed, [result])["quarantined"] == 1
@@ -414,8 +414,8 @@ def test_a_missing_batch_fails_the_accounting(ready, pg_url) -> None:
     settings, store, catalog = ready(database_url=pg_url)
     for n in range(4):
         store.put(f"training/brain_mri/P{n}/a.dcm", dicom(pattern(80 + n)))
-    ingest.start_run(catalog, "partial", "training/")
-    new, listed = ingest.list_new(store, catalog, "training/", settings)
+    listing = ingest.open_run(store, catalog, "partial", "training/", settings)
+    new, listed = listing.new, listing.listed
     done = ingest.ingest_objects(settings, store, catalog, "partial", new[:2], "training/")
     with pytest.raises(Exception, match="accounting broken"):
         ingest.finish_run(store, catalog, "partial", len(new), listed, [done])

@@ -148,5 +148,57 @@ def test_deleted_manifest_stops_labelling(ready, pg_url) -> None:
     store._client.delete_object(Bucket=store.bucket, Key=EXPORT + "labels.csv")
     store.put(EXPORT + "P1/b.dcm", dicom(32))
     report = ingest.run(settings, store, catalog, "r2", prefix=EXPORT)
-    assert (report["label_manifests"], report["quarantine_reasons"]) == (0, {"unlabelled": 1})
+    # the new object is unlabelled, and so is the one the manifest labelled: its label is withdrawn
+    assert (report["new_objects"], report["label_manifests"]) == (2, 0)
+    assert (report["quarantine_reasons"], report["retired_images"]) == ({"unlabelled": 2}, 1)
     assert catalog.scalar("SELECT count(*) FROM label_manifests") == 0
+    assert labels_of(catalog) == {}
+
+
+def test_a_corrected_manifest_relabels_only_what_it_changes(ready, pg_url) -> None:
+    settings, store, catalog = ready(database_url=pg_url)
+    store.put(EXPORT + "labels.csv", b"path,label\nP1/a.dcm,brain_mri\nP2/,lung_ct\n")
+    store.put(EXPORT + "P1/a.dcm", dicom(41))
+    store.put(EXPORT + "P2/b.dcm", dicom(42))
+    store.put(EXPORT + "P3/c.dcm", dicom(43, "CT", "LIVER"))  # a header rule labels it
+    settings = settings.model_copy(update={"label_rules": RULES})
+    first = ingest.run(settings, store, catalog, "r1", prefix=EXPORT)
+    ids = {r["source_key"]: r["image_id"] for r in catalog.query("SELECT source_key, image_id FROM images")}
+
+    store.put(EXPORT + "labels.csv", b"path,label\nP1/a.dcm,chest_xray\nP2/,lung_ct\n")
+    second = ingest.run(settings, store, catalog, "r2", prefix=EXPORT)
+
+    assert (first["images"], second["new_objects"], second["ingested"]) == (3, 1, 1)
+    assert labels_of(catalog) == {
+        ("P1/a.dcm", ""): ("chest_xray", "manifest"),
+        ("P2/b.dcm", ""): ("lung_ct", "manifest"),
+        ("P3/c.dcm", ""): ("liver_ct", "header_rule"),
+    }
+    assert {
+        r["source_key"]: r["image_id"] for r in catalog.query("SELECT source_key, image_id FROM images")
+    } == ids
+    assert catalog.scalar("SELECT count(*) FROM duplicates") == 0
+    assert ingest.run(settings, store, catalog, "r3", prefix=EXPORT)["new_objects"] == 0
+
+
+def test_changed_header_rules_requeue_what_rules_decide(ready, pg_url) -> None:
+    settings, store, catalog = ready(database_url=pg_url, label_rules=RULES[:1])
+    store.put(EXPORT + "A/ct.dcm", dicom(51, "CT", "ABDOMEN"))  # liver_ct by rule 1
+    store.put(EXPORT + "B/mr.dcm", dicom(52, "MR", description="HEAD routine"))  # no rule yet
+    store.put("training/chest_xray/C/x.dcm", dicom(53, "CR"))  # the folder decides, not rules
+    ingest.run(settings, store, catalog, "r1", prefix=EXPORT)
+    ingest.run(settings, store, catalog, "t1")
+    assert ingest.run(settings, store, catalog, "r2", prefix=EXPORT)["new_objects"] == 0
+
+    fixed = settings.model_copy(
+        update={"label_rules": [{"modality": "CT", "body_part": "ABDOMEN", "label": "lung_ct"}, RULES[1]]}
+    )
+    report = ingest.run(fixed, store, catalog, "r3", prefix=EXPORT)
+    assert (report["new_objects"], report["ingested"], report["quarantined"]) == (2, 2, 0)
+    assert labels_of(catalog) == {
+        ("A/ct.dcm", ""): ("lung_ct", "header_rule"),
+        ("B/mr.dcm", ""): ("brain_mri", "header_rule"),
+        ("training/chest_xray/C/x.dcm", ""): ("chest_xray", "prefix"),
+    }
+    assert ingest.run(fixed, store, catalog, "t2")["new_objects"] == 0
+    assert ingest.run(fixed, store, catalog, "r4", prefix=EXPORT)["new_objects"] == 0

@@ -59,7 +59,12 @@ def test_listing_pages_and_prefixes(ready) -> None:
 
 def test_listing_reports_what_head_reports_for_awkward_keys(ready) -> None:
     _, store, _ = ready()
-    keys = ["training/x/a b+c.dcm", "training/x/\u00fc%20&<>'.dcm", "training/x/tab\there.dcm", "training/x/p.dcm"]
+    keys = [
+        "training/x/a b+c.dcm",
+        "training/x/\u00fc%20&<>'.dcm",
+        "training/x/tab\there.dcm",
+        "training/x/p.dcm",
+    ]
     for n, key in enumerate(keys):
         store.put(key, bytes(n + 1))
     listed = {o.key: o for o in store.list("training/x/")}
@@ -72,7 +77,7 @@ def test_listing_reports_what_head_reports_for_awkward_keys(ready) -> None:
 
 def test_listing_a_missing_bucket_names_the_fix(make_settings) -> None:
     missing = open_store(make_settings())  # its bucket was never created
-    with pytest.raises(StoreError, match="does not exist.*mmpipe init"):
+    with pytest.raises(StoreError, match=r"does not exist.*mmpipe init"):
         list(missing.list("training/"))
 
 
