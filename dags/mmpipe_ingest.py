@@ -6,7 +6,8 @@ key + ETag, fans out one mapped task per batch (download, expand archives, decod
 pseudonymise, write shards to `curated/`), proves that every listed object ended ingested,
 duplicate or quarantined, then runs the Great Expectations batch suite. A batch failing a
 critical expectation fails `validate` and is excluded from training; nothing is deleted.
-A rerun with nothing new does nothing.
+`sweep` then deletes curated shards no image references once older than `orphan_grace_hours`
+(left by batches killed before their commit). A rerun with nothing new does nothing.
 """
 
 from __future__ import annotations
@@ -50,9 +51,17 @@ def mmpipe_ingest():
 
         return pipeline.validate_ingest(run_id)
 
+    @task(trigger_rule="all_done")
+    def sweep() -> dict:
+        from mmpipe import pipeline
+
+        return pipeline.ingest_sweep()
+
     listing = list_new()
     results = ingest_batch.expand(batch_uri=batch_uris(listing))
-    validate(finish(listing, results))
+    report = finish(listing, results)
+    validate(report)
+    report >> sweep()
 
 
 mmpipe_ingest()

@@ -112,7 +112,7 @@ def cmd_ingest(args: argparse.Namespace) -> None:
     from mmpipe import pipeline
 
     report = pipeline.ingest_all(args.run_id, args.prefix, args.batch_size)
-    _print(report | {"validation": pipeline.validate_ingest(args.run_id)})
+    _print(report | {"validation": pipeline.validate_ingest(args.run_id), "sweep": pipeline.ingest_sweep()})
 
 
 def cmd_validate(args: argparse.Namespace) -> None:

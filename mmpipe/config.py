@@ -81,6 +81,12 @@ class Settings(BaseSettings):
         description='DICOM header rules, first match wins, e.g. [{"modality": "CT", "body_part": "CHEST", '
         '"label": "lung_ct"}]; fields modality, body_part ("|" separates alternatives), study_description (regex).',
     )
+    orphan_grace_hours: float = Field(
+        24,
+        ge=0,
+        description="Curated shards that no image row references are deleted once this old: what a "
+        "batch killed before its commit left behind (younger ones may belong to a batch still running).",
+    )
     ingest_processes: int = Field(
         0,
         ge=0,

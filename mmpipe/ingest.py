@@ -54,6 +54,7 @@ from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import numpy as np
@@ -82,6 +83,7 @@ from mmpipe.store import ObjectInfo, Store
 log = logging.getLogger(__name__)
 
 MAX_ARCHIVE_DEPTH = 2
+CURATED_PREFIX = "curated/"
 ARCHIVE_KINDS = ("zip", "tar")
 MAX_MANIFEST_BYTES = 64 * 2**20
 #: Identifiers shorter than this are too likely to occur in a key by chance to be worth flagging.
@@ -754,7 +756,7 @@ def record_outcomes(
         chunk = items[start : start + settings.shard_size]
         uri = write_shard(
             store,
-            f"curated/{slug}/{batch}-{n:03d}.npz",
+            f"{CURATED_PREFIX}{slug}/{batch}-{n:03d}.npz",
             [fresh[i] for i in chunk],
             [pixels[i] for i in chunk],
         )
@@ -867,6 +869,31 @@ def _source_rows(
 
 
 # --------------------------------------------------------------------------- runs
+
+
+def sweep_orphans(settings: Settings, store: Store, catalog: Catalog) -> dict[str, int]:
+    """Delete curated shards that no image row references, once older than ``orphan_grace_hours``.
+
+    Shards are written before the batch's rows commit, so a batch killed in between leaves shards
+    nobody references; a retry of the same batch rewrites the same keys, a later run writes others.
+    Shards of retired images stay: frozen snapshots and old plans may still read them.
+    """
+    referenced = {r["shard_uri"] for r in catalog.query("SELECT DISTINCT shard_uri FROM images")}
+    cutoff = datetime.now(UTC) - timedelta(hours=settings.orphan_grace_hours)
+    shards = store.list(CURATED_PREFIX)
+    orphans = [
+        o
+        for o in shards
+        if store.uri(o.key) not in referenced and datetime.fromisoformat(o.modified) <= cutoff
+    ]
+    store.delete([o.key for o in orphans])
+    result = {
+        "shards": len(shards),
+        "orphans_deleted": len(orphans),
+        "bytes_freed": sum(o.size for o in orphans),
+    }
+    log.info("curated sweep: %s", json.dumps(result, sort_keys=True))
+    return result
 
 
 def start_run(catalog: Catalog, run_id: str, prefix: str, labeling: Labeling | None = None) -> None:

@@ -60,6 +60,10 @@ def ingest_finish(run_id: str, listing: dict[str, Any], results: Sequence[dict[s
     return ingest.finish_run(store, catalog, run_id, listing["new_objects"], listing["listed"], results)
 
 
+def ingest_sweep() -> dict[str, int]:
+    return ingest.sweep_orphans(*connect())
+
+
 # --- validate and dataset: see mmpipe.dataset -------------------------------------------------
 
 

@@ -290,6 +290,15 @@ class Store:
         )
         return self.uri(key)
 
+    def delete(self, keys: list[str]) -> None:
+        """Delete objects (mmpipe's own outputs only: callers never pass a hospital's originals)."""
+        for start in range(0, len(keys), 1000):  # the most one DeleteObjects request takes
+            batch = {"Objects": [{"Key": k} for k in keys[start : start + 1000]], "Quiet": True}
+            response = self._call("delete", self._client.delete_objects, Bucket=self.bucket, Delete=batch)
+            if response.get("Errors"):
+                error = response["Errors"][0]
+                raise StoreError(f"delete {error.get('Key')} failed on {self.endpoint}: {error.get('Code')}")
+
     def put_json(self, key: str, payload: Any) -> str:
         body = json.dumps(payload, indent=2, sort_keys=True, default=str).encode()
         return self.put(key, body, "application/json")
