@@ -34,6 +34,8 @@ KNOWN = {
     "dicomdirtests/77654033/CR1/6154": "image",
     "SC_rgb_rle_2frame.dcm": "image",
     "MR_small_bigendian.dcm": "image",
+    "JPGExtended.dcm": "image",  # 12-bit JPEG Extended
+    "JPEG-lossy.dcm": "image",  # the same frame with Se=0 in its scan header: decoded as IJG reads it
 }
 
 

@@ -11,16 +11,17 @@ import zipfile
 import zlib
 from pathlib import Path
 
+import libjpeg
 import numpy as np
 import pydicom
 import pytest
-from PIL import Image
+from PIL import Image, ImageOps
 from pydicom.data import DATA_ROOT
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.encaps import encapsulate
+from pydicom.encaps import encapsulate, get_frame
 from pydicom.pixels import apply_rescale
 from pydicom.sequence import Sequence
-from pydicom.uid import MPEG2MPML, SecondaryCaptureImageStorage
+from pydicom.uid import MPEG2MPML, JPEGLosslessSV1, SecondaryCaptureImageStorage
 
 from mmpipe.config import Settings
 from mmpipe.imaging import Decoded, Limits, Reason, Rejected, decode_image, dicom_native, sniff
@@ -89,6 +90,62 @@ def disk(value_in: int, value_out: int, size: int = 48) -> np.ndarray:
     return np.where(inside, value_in, value_out).astype(np.uint16)
 
 
+def jpeg_frame(name: str) -> bytes:
+    """The encoded frame of a single-frame bundled JPEG DICOM: a real JPEG stream."""
+    return get_frame(pydicom.dcmread(io.BytesIO(local(name))).PixelData, 0, number_of_frames=1)
+
+
+def lossless_jpeg(image: np.ndarray, component_ids: bytes = b"\x01\x02\x03", app: bytes = b"") -> bytes:
+    """A 16-bit lossless JPEG (process 14, first-order prediction) of ``image`` (rows x cols [x 3]).
+
+    No installed package encodes one and this pydicom bundles none, so the test writes it: one
+    Huffman table giving every difference category a 5-bit code. ``app`` is inserted after SOI.
+    """
+    samples = image.reshape(*image.shape[:2], -1).astype(np.int64)
+    rows, cols, n = samples.shape
+    predicted = np.empty_like(samples)  # left neighbour; first column: above; first sample: 2**15
+    predicted[:, 1:], predicted[1:, 0], predicted[0, 0] = samples[:, :-1], samples[:-1, 0], 1 << 15
+    bits = []
+    for diff in ((samples - predicted + 32767) % 65536 - 32767).ravel().tolist():  # -32767..32768
+        category = abs(diff).bit_length()
+        bits.append(f"{category:05b}")
+        if 0 < category < 16:
+            bits.append(f"{diff if diff > 0 else diff + (1 << category) - 1:0{category}b}")
+    stream = "".join(bits)
+    stream += "1" * (-len(stream) % 8)
+    scan = int(stream, 2).to_bytes(len(stream) // 8, "big").replace(b"\xff", b"\xff\x00")
+
+    def segment(marker: int, payload: bytes) -> bytes:
+        return struct.pack(">BBH", 0xFF, marker, len(payload) + 2) + payload
+
+    ids = component_ids[:n]
+    frame = struct.pack(">BHHB", 16, rows, cols, n) + b"".join(bytes([c, 0x11, 0]) for c in ids)
+    table = bytes([0, 0, 0, 0, 0, 17] + [0] * 11) + bytes(range(17))  # Tc/Th, 16 counts, 17 symbols
+    selectors = bytes([n]) + b"".join(bytes([c, 0]) for c in ids) + bytes([1, 0, 0])  # Ss=predictor 1
+    return (
+        b"\xff\xd8"
+        + app
+        + segment(0xC3, frame)
+        + segment(0xC4, table)
+        + segment(0xDA, selectors)
+        + scan
+        + b"\xff\xd9"
+    )
+
+
+def exif_orientation(orientation: int) -> bytes:
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    return exif.tobytes()
+
+
+def asymmetric() -> np.ndarray:
+    """A 48x80 grayscale image that every flip and turn changes."""
+    gray = np.zeros((48, 80), dtype=np.uint8)
+    gray[4:20, 6:30], gray[30:44, 50:76] = 250, 120
+    return gray
+
+
 # --------------------------------------------------------------------------- pydicom's own files
 
 NOT_DICOM_SUFFIXES = {".json", ".txt", ".dump", ".icc", ".gz"}
@@ -125,6 +182,7 @@ def test_every_bundled_pydicom_file_decodes_or_is_rejected_with_a_reason() -> No
         ("MR_small_jp2klossless.dcm", "1.2.840.10008.1.2.4.90", 1),
         ("SC_rgb_jpeg_dcmtk.dcm", "1.2.840.10008.1.2.4.50", 1),  # baseline, YBR_FULL
         ("JPGExtended.dcm", "1.2.840.10008.1.2.4.51", 1),
+        ("JPEG-lossy.dcm", "1.2.840.10008.1.2.4.51", 1),  # scan header states Se=0
         ("SC_rgb_jpeg_gdcm.dcm", "1.2.840.10008.1.2.4.70", 1),  # lossless SV1
         ("MR_small_jpeg_ls_lossless.dcm", "1.2.840.10008.1.2.4.80", 1),
         ("JPEGLSNearLossless_16.dcm", "1.2.840.10008.1.2.4.81", 1),
@@ -151,6 +209,15 @@ def test_mr_small_is_identical_across_transfer_syntaxes() -> None:
     for variant in ("MR_small_bigendian.dcm", "MR_small_implicit.dcm", "MR_small_RLE.dcm",
                     "MR_small_jpeg_ls_lossless.dcm", "MR_small_jp2klossless.dcm"):  # fmt: skip
         assert np.array_equal(decode(local(variant)).pixels, reference), variant
+
+
+def test_misstated_sequential_scan_decodes_as_its_conforming_twin() -> None:
+    """JPEG-lossy.dcm differs from JPGExtended.dcm in one byte: its scan header says Se=0."""
+    lossy, extended = jpeg_frame("JPEG-lossy.dcm"), jpeg_frame("JPGExtended.dcm")
+    assert [i for i, (a, b) in enumerate(zip(lossy, extended, strict=True)) if a != b] == [165]
+    decoded = decode(local("JPEG-lossy.dcm"))
+    assert np.array_equal(decoded.pixels, decode(local("JPGExtended.dcm")).pixels)
+    assert (decoded.bits_stored, decoded.orig_rows, decoded.orig_cols) == (12, 1024, 256)
 
 
 def test_ct_small_is_rescaled_to_hounsfield_units() -> None:
@@ -200,6 +267,36 @@ def test_window_centre_width_bounds_the_intensity_scaling() -> None:
 def test_monochrome1_window_is_inverted_with_the_image() -> None:
     ramp = np.tile(np.arange(64, dtype=np.uint16) * 100, (64, 1))
     windowed = decode(make_dicom(ramp, "MONOCHROME1", WindowCenter=3200, WindowWidth=1001)).pixels
+    assert (windowed[:, :27] == 255).all() and (windowed[:, 38:] == 0).all()
+
+
+@pytest.mark.parametrize(
+    ("photometric", "shape", "inverted"),
+    [
+        ("MONOCHROME2", None, False),
+        ("MONOCHROME2", "IDENTITY", False),
+        ("MONOCHROME2", "INVERSE", True),
+        ("MONOCHROME1", None, True),
+        ("MONOCHROME1", "IDENTITY", True),
+        ("MONOCHROME1", "INVERSE", True),  # restates MONOCHROME1: inverted once, not twice
+    ],
+)
+def test_presentation_lut_shape_inverse_inverts_once(
+    photometric: str, shape: str | None, inverted: bool
+) -> None:
+    pixels = disk(value_in=200, value_out=3000)
+    attrs = {"PresentationLUTShape": shape} if shape else {}
+    decoded = decode(make_dicom(pixels, photometric, bits=12, **attrs)).pixels
+    expected = decode(make_dicom(pixels, "MONOCHROME1" if inverted else "MONOCHROME2", bits=12)).pixels
+    assert np.array_equal(decoded, expected)
+    assert (decoded[SIZE // 2, SIZE // 2] > 200) == inverted  # the low-valued disk displays bright
+
+
+def test_inverse_presentation_lut_inverts_the_window_with_the_image() -> None:
+    ramp = np.tile(np.arange(64, dtype=np.uint16) * 100, (64, 1))
+    windowed = decode(
+        make_dicom(ramp, WindowCenter=3200, WindowWidth=1001, PresentationLUTShape="INVERSE")
+    ).pixels
     assert (windowed[:, :27] == 255).all() and (windowed[:, 38:] == 0).all()
 
 
@@ -270,6 +367,11 @@ def test_rejection_reasons() -> None:
     mr = local("MR_small.dcm")
     assert rejection(b"").reason is Reason.EMPTY
     assert rejection(mr[: len(mr) - 3000]).reason is Reason.CORRUPT
+    ds = pydicom.dcmread(io.BytesIO(local("JPEG-lossy.dcm")))
+    ds.PixelData = encapsulate([jpeg_frame("JPEG-lossy.dcm")[:100]])  # cut inside its Huffman table
+    buffer = io.BytesIO()
+    ds.save_as(buffer)
+    assert rejection(buffer.getvalue()).reason is Reason.CORRUPT  # restating the scan repairs no damage
     assert rejection(b"patient notes\n" * 20, "x.dcm").reason is Reason.NOT_IMAGE
     assert rejection(b"not a png at all", "x.png").reason is Reason.NOT_IMAGE
     assert rejection(local("rtplan.dcm")).reason is Reason.NO_PIXEL_DATA
@@ -356,7 +458,8 @@ def test_no_exception_but_rejected_escapes_for_mutated_inputs() -> None:
     rng = np.random.default_rng(7)
     seeds = [local(n) for n in ("MR_small.dcm", "JPEG2000.dcm", "SC_rgb_rle.dcm", "SC_rgb_jpeg_dcmtk.dcm")]
     seeds += [make_raster(np.arange(1024, dtype=np.uint8).reshape(32, 32), "PNG"),
-              make_raster(np.arange(3072, dtype=np.uint8).reshape(32, 32, 3), "JPEG")]  # fmt: skip
+              make_raster(np.arange(3072, dtype=np.uint8).reshape(32, 32, 3), "JPEG"),
+              jpeg_frame("JPEG-lossy.dcm"), lossless_jpeg(disk(60000, 900, 24))]  # fmt: skip
     outcomes = set()
     for seed in seeds:
         for _ in range(40):
@@ -416,6 +519,88 @@ def test_png_header_claiming_huge_size_is_too_large(side: int) -> None:
 def test_truncated_png_is_corrupt() -> None:
     data = make_raster(np.random.default_rng(0).integers(0, 255, (64, 64), dtype=np.uint8), "PNG")
     assert rejection(data[: len(data) // 2]).reason is Reason.CORRUPT
+
+
+@pytest.mark.parametrize("name", ["JPGExtended.dcm", "JPEG-lossy.dcm"])
+def test_12_bit_jpeg_object_decodes_like_its_dicom(name: str) -> None:
+    """Pillow cannot open 12-bit JPEG: libjpeg decodes it to what pydicom decodes from the DICOM."""
+    decoded = decode(jpeg_frame(name), "scan.jpg")
+    reference = pydicom.dcmread(io.BytesIO(local("JPGExtended.dcm"))).pixel_array  # the conforming twin
+    assert (decoded.bits_stored, decoded.photometric, decoded.orig_rows, decoded.orig_cols) == (
+        12, "MONOCHROME2", 1024, 256,
+    )  # fmt: skip
+    assert np.array_equal(decoded.pixels, normalise(reference.astype(np.float32), SIZE))
+
+
+def test_16_bit_lossless_jpeg_object_decodes_like_its_dicom() -> None:
+    image = (disk(52000, 3000) + np.arange(48, dtype=np.uint16) * 200).astype(np.uint16)  # needs 16 bits
+    stream = lossless_jpeg(image)
+    assert np.array_equal(libjpeg.decode(stream), image)  # the test's encoder is right
+    decoded = decode(stream, "scan.jpg")
+    assert (decoded.bits_stored, decoded.photometric) == (16, "MONOCHROME2")
+    assert np.array_equal(decoded.pixels, normalise(image.astype(np.float32), SIZE))
+    ds = pydicom.dcmread(io.BytesIO(make_dicom(image)))
+    ds.file_meta.TransferSyntaxUID = JPEGLosslessSV1
+    ds.PixelData = encapsulate([stream])
+    buffer = io.BytesIO()
+    ds.save_as(buffer)
+    assert np.array_equal(decode(buffer.getvalue()).pixels, decoded.pixels)
+
+
+@pytest.mark.parametrize(
+    ("ids", "app", "luma"),
+    [
+        (b"RGB", b"", True),
+        (b"\x01\x02\x03", b"", True),  # lossless without colour markers: RGB
+        (b"\x01\x02\x03", b"\xff\xe0\x00\x10JFIF\x00\x01\x02\x00\x00\x01\x00\x01\x00\x00", False),  # YCbCr
+    ],
+)
+def test_16_bit_lossless_colour_jpeg_becomes_luma(ids: bytes, app: bytes, luma: bool) -> None:
+    rgb = np.stack([disk(50000, 1000), disk(9000, 30000), disk(20000, 20000)], axis=-1)
+    decoded = decode(lossless_jpeg(rgb, ids, app), "photo.jpg")
+    gray = rgb.astype(np.float32) @ np.array([0.299, 0.587, 0.114], dtype=np.float32) if luma else rgb[..., 0]
+    assert (decoded.bits_stored, decoded.photometric) == (16, "RGB")
+    assert np.array_equal(decoded.pixels, normalise(gray.astype(np.float32), SIZE))
+
+
+def test_truncated_or_oversized_high_bit_jpeg_is_rejected_before_decoding() -> None:
+    for data in (jpeg_frame("JPGExtended.dcm"), lossless_jpeg(disk(60000, 900))):
+        for cut in (12, 200, len(data) // 2, len(data) - 2):
+            assert rejection(data[:cut], "scan.jpg").reason is Reason.CORRUPT, cut
+        huge = bytearray(data)
+        struct.pack_into(">HH", huge, 7, 65535, 65535)  # SOF rows, columns: ~4.3e9 pixels
+        tracemalloc.start()
+        try:
+            reason = rejection(bytes(huge), "scan.jpg").reason
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert reason is Reason.TOO_LARGE and peak < 16 * 2**20
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_exif_orientation_is_applied(fmt: str, orientation: int) -> None:
+    buffer = io.BytesIO()
+    Image.fromarray(asymmetric()).save(buffer, format=fmt, exif=exif_orientation(orientation))
+    stored = Image.open(io.BytesIO(buffer.getvalue()))
+    upright = np.asarray(ImageOps.exif_transpose(stored), dtype=np.float32)
+    assert (orientation == 1) == np.array_equal(upright, np.asarray(stored, dtype=np.float32))
+    decoded = decode(buffer.getvalue(), "photo.jpg")
+    assert (decoded.orig_rows, decoded.orig_cols) == upright.shape
+    assert np.array_equal(decoded.pixels, normalise(upright, SIZE))
+
+
+def test_exif_orientation_of_high_bit_jpeg_and_unreadable_exif() -> None:
+    frame = jpeg_frame("JPGExtended.dcm")
+    app1 = b"\xff\xe1" + struct.pack(">H", len(exif_orientation(6)) + 2) + exif_orientation(6)
+    reference = pydicom.dcmread(io.BytesIO(local("JPGExtended.dcm"))).pixel_array.astype(np.float32)
+    decoded = decode(frame[:2] + app1 + frame[2:], "scan.jpg")
+    assert (decoded.orig_rows, decoded.orig_cols) == (256, 1024)
+    assert np.array_equal(decoded.pixels, normalise(np.rot90(reference, -1), SIZE))
+    buffer = io.BytesIO()
+    Image.fromarray(asymmetric()).save(buffer, format="PNG", exif=b"Exif\x00\x00not a TIFF header")
+    assert np.array_equal(decode(buffer.getvalue()).pixels, decode(make_raster(asymmetric(), "PNG")).pixels)
 
 
 # --------------------------------------------------------------------------- sniff, limits
