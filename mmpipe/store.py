@@ -15,6 +15,7 @@ Prefix layout inside the bucket (see docs/architecture.md):
 
 from __future__ import annotations
 
+import base64
 import http.client
 import json
 import os
@@ -22,10 +23,10 @@ import ssl
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import chain
 from typing import Any
-from urllib.parse import unquote_plus, urlsplit
+from urllib.parse import unquote, unquote_plus, urlsplit
 from xml.etree import ElementTree
 
 import boto3
@@ -33,6 +34,7 @@ import botocore.exceptions
 import botocore.session
 from botocore.config import Config
 from botocore.httpsession import get_cert_path
+from botocore.utils import get_environ_proxies
 
 from mmpipe.config import Settings
 from mmpipe.errors import StoreError
@@ -64,51 +66,79 @@ def split_uri(value: str) -> tuple[str, str]:
     return bucket, key
 
 
+@dataclass
+class _Route:
+    """How this thread reaches one endpoint: its connection, and what a plain-HTTP proxy needs."""
+
+    conn: http.client.HTTPConnection
+    absolute: bool = False  # the request line names the whole URL (a plain-HTTP proxy)
+    headers: dict[str, str] = field(default_factory=dict)
+
+
 class Getter:
     """GETs of presigned URLs over one kept-alive ``http.client`` connection per thread and host.
 
     Connections are opened lazily by the thread (and process) that uses them: a client copied into a
     forked decode process, or shared by worker threads, never shares a socket. Connection failures
     and 5xx answers are retried with backoff on a fresh connection; other answers fail at once.
+    Like boto3, it verifies TLS against ``ca_bundle`` (``AWS_CA_BUNDLE``: a hospital's own CA for
+    MinIO) and goes through the ``HTTP(S)_PROXY`` that applies to the endpoint, unless ``NO_PROXY``
+    exempts it: CONNECT tunnels for HTTPS, absolute request targets for plain HTTP.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, ca_bundle: str | None = None) -> None:
+        self._cafile = get_cert_path(ca_bundle or True)
         self._local = threading.local()
 
-    def _connection(self, scheme: str, netloc: str) -> http.client.HTTPConnection:
+    def _route(self, scheme: str, netloc: str) -> _Route:
         local = self._local
         if getattr(local, "pid", None) != os.getpid():
-            local.pid, local.connections = os.getpid(), {}
-        conn = local.connections.get((scheme, netloc))
-        if conn is None:
-            if scheme == "https":
-                context = ssl.create_default_context(cafile=get_cert_path(True))
-                conn = http.client.HTTPSConnection(netloc, timeout=CONNECT_TIMEOUT, context=context)
-            else:
-                conn = http.client.HTTPConnection(netloc, timeout=CONNECT_TIMEOUT)
-            local.connections[(scheme, netloc)] = conn
-        if conn.sock is None:
-            conn.connect()
-            conn.sock.settimeout(READ_TIMEOUT)
-        return conn
+            local.pid, local.routes = os.getpid(), {}
+        route = local.routes.get((scheme, netloc))
+        if route is None:
+            route = local.routes[(scheme, netloc)] = self._open(scheme, netloc)
+        return route
+
+    def _open(self, scheme: str, netloc: str) -> _Route:
+        context = ssl.create_default_context(cafile=self._cafile) if scheme == "https" else None
+        proxy = get_environ_proxies(f"{scheme}://{netloc}").get(scheme)
+        if not proxy:
+            if context:
+                return _Route(http.client.HTTPSConnection(netloc, timeout=CONNECT_TIMEOUT, context=context))
+            return _Route(http.client.HTTPConnection(netloc, timeout=CONNECT_TIMEOUT))
+        via = urlsplit(proxy if "://" in proxy else "http://" + proxy)
+        if via.scheme != "http":
+            raise GetFailed(f"unsupported proxy scheme {via.scheme!r} (bulk reads use http:// proxies)")
+        address, headers = f"{via.hostname}:{via.port or 80}", {}
+        if via.username:
+            user = f"{unquote(via.username)}:{unquote(via.password or '')}"
+            headers["Proxy-Authorization"] = "Basic " + base64.b64encode(user.encode()).decode()
+        if context:
+            conn = http.client.HTTPSConnection(address, timeout=CONNECT_TIMEOUT, context=context)
+            conn.set_tunnel(netloc, headers=headers)
+            return _Route(conn)
+        return _Route(http.client.HTTPConnection(address, timeout=CONNECT_TIMEOUT), True, headers)
 
     def get(self, url: str) -> bytes:
         """The body of a 200 answer to GET ``url``; :class:`GetFailed` otherwise."""
         parts = urlsplit(url)
-        target = f"{parts.path}?{parts.query}" if parts.query else parts.path
+        route = self._route(parts.scheme, parts.netloc)
+        target = url if route.absolute else f"{parts.path}?{parts.query}" if parts.query else parts.path
         for attempt in range(FETCH_ATTEMPTS):
             if attempt:
                 time.sleep(0.2 * 2 ** (attempt - 1))
-            conn = None
             try:
-                conn = self._connection(parts.scheme, parts.netloc)
-                conn.request("GET", target)
-                response = conn.getresponse()
+                if route.conn.sock is None:
+                    route.conn.connect()
+                    route.conn.sock.settimeout(READ_TIMEOUT)
+                route.conn.request("GET", target, headers=route.headers)
+                response = route.conn.getresponse()
                 body = response.read()
             except (OSError, http.client.HTTPException) as exc:
-                if conn is not None:
-                    conn.close()
-                failure = GetFailed(type(exc).__name__, refused=isinstance(exc, ConnectionRefusedError))
+                route.conn.close()  # also a half-made connection: the next attempt starts afresh
+                failure = GetFailed(
+                    f"{type(exc).__name__}: {exc}"[:240], refused=isinstance(exc, ConnectionRefusedError)
+                )
                 continue
             if response.status == 200:
                 return body
@@ -140,7 +170,6 @@ class Store:
 
     def __init__(self, settings: Settings):
         self.bucket = settings.s3_bucket
-        self._getter = Getter()  # bulk reads; opens its connections lazily (see Getter)
         self.endpoint = settings.s3_endpoint_url or "AWS S3"
         secret = settings.s3_secret_access_key
         key_id = settings.s3_access_key_id
@@ -148,6 +177,8 @@ class Store:
         # mmpipe never reads object timestamps from boto3 responses; botocore parses each with
         # dateutil, a sizeable part of the CPU of a small get_object or head_object.
         session.get_component("response_parser_factory").set_parser_defaults(timestamp_parser=str)
+        # bulk reads; open their connections lazily, verified like boto3's (see Getter)
+        self._getter = Getter(session.get_config_variable("ca_bundle"))
         self._client = boto3.Session(botocore_session=session).client(
             "s3",
             endpoint_url=settings.s3_endpoint_url,

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import base64
+import contextlib
 import os
 import socket
+import socketserver
+import ssl
+import subprocess
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -20,6 +25,7 @@ class _Server(ThreadingHTTPServer):
         super().__init__(("127.0.0.1", 0), _Handler)
         self.script: list[tuple[int, bytes]] = []  # answers to give, in order; then 200 b"ok"
         self.requests: list[str] = []
+        self.proxy_auth: list[str | None] = []
         self.close_after_each = False
 
     @property
@@ -33,6 +39,7 @@ class _Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         server: _Server = self.server  # type: ignore[assignment]
         server.requests.append(self.path)
+        server.proxy_auth.append(self.headers.get("Proxy-Authorization"))
         status, body = server.script.pop(0) if server.script else (200, b"ok")
         self.send_response(status)
         self.send_header("Content-Length", str(len(body)))
@@ -59,9 +66,9 @@ def server() -> Iterator[_Server]:
 def test_keeps_one_connection_and_sends_path_and_query(server) -> None:
     getter = Getter()
     assert getter.get(server.url + "/bucket/a%20b.dcm?X-Sig=1&Y=2") == b"ok"
-    conn = getter._connection("http", f"127.0.0.1:{server.server_port}")
+    conn = getter._route("http", f"127.0.0.1:{server.server_port}").conn
     assert getter.get(server.url + "/bucket/c.dcm") == b"ok"
-    assert getter._connection("http", f"127.0.0.1:{server.server_port}") is conn
+    assert getter._route("http", f"127.0.0.1:{server.server_port}").conn is conn
     assert server.requests == ["/bucket/a%20b.dcm?X-Sig=1&Y=2", "/bucket/c.dcm"]
 
 
@@ -105,10 +112,10 @@ def test_threads_and_forked_processes_never_share_a_connection(server) -> None:
     getter = Getter()
     address = ("http", f"127.0.0.1:{server.server_port}")
     getter.get(server.url + "/parent")
-    parent_conn = getter._connection(*address)
+    parent_conn = getter._route(*address).conn
 
     seen = []
-    thread = threading.Thread(target=lambda: seen.append(getter._connection(*address)))
+    thread = threading.Thread(target=lambda: seen.append(getter._route(*address).conn))
     thread.start()
     thread.join()
     assert seen[0] is not parent_conn
@@ -116,9 +123,107 @@ def test_threads_and_forked_processes_never_share_a_connection(server) -> None:
     read, write = os.pipe()
     pid = os.fork()
     if pid == 0:  # child: must open its own socket, not reuse the parent's
-        ok = getter.get(server.url + "/child") == b"ok" and getter._connection(*address) is not parent_conn
+        ok = getter.get(server.url + "/child") == b"ok" and getter._route(*address).conn is not parent_conn
         os.write(write, b"1" if ok else b"0")
         os._exit(0)
     os.waitpid(pid, 0)
     assert os.read(read, 1) == b"1"
     assert getter.get(server.url + "/parent-again") == b"ok"  # the parent's socket is still its own
+
+
+# --------------------------------------------------------------------------- proxies and TLS
+
+
+@pytest.fixture
+def no_proxy_env(monkeypatch) -> None:
+    for name in ("http_proxy", "https_proxy", "no_proxy", "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+
+
+def test_plain_http_goes_through_the_configured_proxy(server, monkeypatch, no_proxy_env) -> None:
+    monkeypatch.setenv("http_proxy", f"http://reader:p%40ss@127.0.0.1:{server.server_port}")
+    assert Getter().get("http://store.hospital.invalid:9000/bucket/k.dcm?X-Sig=1") == b"ok"
+    assert server.requests == ["http://store.hospital.invalid:9000/bucket/k.dcm?X-Sig=1"]
+    assert server.proxy_auth == ["Basic " + base64.b64encode(b"reader:p@ss").decode()]
+
+
+def test_no_proxy_exempts_the_endpoint(server, monkeypatch, no_proxy_env) -> None:
+    monkeypatch.setenv("http_proxy", "http://127.0.0.1:9")  # nothing listens there
+    monkeypatch.setenv("no_proxy", "127.0.0.1")
+    assert Getter().get(server.url + "/k") == b"ok"
+
+
+class _Tunnel(socketserver.ThreadingTCPServer):
+    """A CONNECT proxy: relays bytes both ways and remembers what it was asked to reach."""
+
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self) -> None:
+        super().__init__(("127.0.0.1", 0), _TunnelHandler)
+        self.connects: list[str] = []
+
+
+class _TunnelHandler(socketserver.StreamRequestHandler):
+    def handle(self) -> None:
+        request = self.rfile.readline().decode().split()
+        while self.rfile.readline() not in (b"\r\n", b""):
+            pass
+        self.server.connects.append(request[1])  # type: ignore[attr-defined]
+        host, port = request[1].rsplit(":", 1)
+        upstream = socket.create_connection((host, int(port)))
+        self.wfile.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
+        self.wfile.flush()
+
+        def pipe(src: socket.socket, dst: socket.socket) -> None:
+            with contextlib.suppress(OSError):
+                while chunk := src.recv(65536):
+                    dst.sendall(chunk)
+            with contextlib.suppress(OSError):
+                dst.shutdown(socket.SHUT_WR)
+
+        back = threading.Thread(target=pipe, args=(upstream, self.connection), daemon=True)
+        back.start()
+        pipe(self.connection, upstream)
+        back.join(5)
+        upstream.close()
+
+
+@pytest.fixture
+def tls_server(tmp_path) -> Iterator[tuple[_Server, str]]:
+    """An HTTPS endpoint with a certificate of a private CA (as a hospital's MinIO has)."""
+    cert, key = tmp_path / "ca.pem", tmp_path / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
+         "-addext", "subjectAltName=DNS:localhost", "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    srv = _Server()
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+    srv.socket = context.wrap_socket(srv.socket, server_side=True)
+    thread = threading.Thread(target=srv.serve_forever, daemon=True)
+    thread.start()
+    yield srv, str(cert)
+    srv.shutdown()
+    srv.server_close()
+
+
+def test_https_tunnels_through_the_proxy_and_trusts_the_configured_ca(
+    tls_server, monkeypatch, no_proxy_env
+) -> None:
+    srv, ca = tls_server
+    tunnel = _Tunnel()
+    threading.Thread(target=tunnel.serve_forever, daemon=True).start()
+    try:
+        monkeypatch.setenv("https_proxy", f"http://127.0.0.1:{tunnel.server_address[1]}")
+        url = f"https://localhost:{srv.server_port}/bucket/k.dcm?X-Sig=1"
+        getter = Getter(ca)
+        assert [getter.get(url), getter.get(url)] == [b"ok", b"ok"]  # one tunnel, kept alive
+        assert tunnel.connects == [f"localhost:{srv.server_port}"]
+        assert srv.requests == ["/bucket/k.dcm?X-Sig=1"] * 2
+        with pytest.raises(GetFailed, match="SSLCertVerificationError"):
+            Getter().get(url)  # the public CA bundle does not vouch for the hospital's CA
+    finally:
+        tunnel.shutdown()
+        tunnel.server_close()
