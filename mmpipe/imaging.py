@@ -17,6 +17,8 @@ DICOM rules, in order (the native-unit image handed to :func:`mmpipe.pixels.norm
   LUT Shape of INVERSE, is inverted by negation (the window negated with it), so what displays
   bright stays bright; once only: for MONOCHROME1, INVERSE restates that polarity.
 * Colour (RGB, YBR_*, PALETTE COLOR): converted to RGB, then ITU-R BT.601 luma.
+* A JPEG, JPEG-LS or JPEG 2000 frame without its end marker is truncated and refused: the codecs
+  would fill the missing part with noise.
 * Pixel data goes through pydicom's plugins in pydicom's order (pylibjpeg first). A sequential JPEG
   frame that they all refuse because its scan header misstates the spectral selection (some
   encoders write Se=0) is decoded once more with the full spectrum stated, as IJG's codec (DCMTK,
@@ -62,8 +64,11 @@ from pydicom.uid import (
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
+    JPEG2000TransferSyntaxes,
     JPEGBaseline8Bit,
     JPEGExtended12Bit,
+    JPEGLSTransferSyntaxes,
+    JPEGTransferSyntaxes,
 )
 
 from mmpipe.pixels import normalise
@@ -91,6 +96,7 @@ _PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 _DEFLATED = DeflatedExplicitVRLittleEndian.encode()
 _BT601 = np.array([0.299, 0.587, 0.114], dtype=np.float32)
 _SEQUENTIAL_JPEG = (JPEGBaseline8Bit, JPEGExtended12Bit)
+_END_MARKED = frozenset(JPEGTransferSyntaxes + JPEGLSTransferSyntaxes + JPEG2000TransferSyntaxes)
 _SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}  # frame headers (not DHT, JPG, DAC)
 _SOF_SEQUENTIAL, _SOF_LOSSLESS = frozenset({0xC0, 0xC1}), frozenset({0xC3, 0xC7, 0xCB, 0xCF})
 _SOS, _APP0, _APP1, _APP14 = 0xDA, 0xE0, 0xE1, 0xEE
@@ -481,18 +487,34 @@ def dicom_native(ds: Dataset, frame: int) -> tuple[np.ndarray, tuple[float, floa
 
 
 def _stored_frame(ds: Dataset, frame: int) -> np.ndarray:
-    """The frame's stored values; a sequential JPEG frame is retried with its scans' spectrum restated."""
+    """The frame's stored values; a sequential JPEG frame is retried with its scans' spectrum restated.
+
+    JPEG, JPEG-LS and JPEG 2000 frames end with a marker (EOI/EOC, then only 00 or FF padding); the
+    codecs decode a frame cut short without complaint, into an image whose lower part is noise, so
+    a frame without it is refused before decoding.
+    """
+    tsyntax = ds.file_meta.get("TransferSyntaxUID")
+    encoded = _encoded_frame(ds, frame) if tsyntax in _END_MARKED else None
+    if encoded is not None and not encoded.rstrip(b"\0\xff").endswith(b"\xff\xd9"):
+        raise Rejected(Reason.CORRUPT, "compressed frame is truncated (no end-of-image marker)")
     try:
         return pixel_array(ds, index=frame)
     except Exception as exc:  # pixel-level messages are technical (lengths, syntaxes), never PHI
         failure = exc
-    if ds.file_meta.get("TransferSyntaxUID") in _SEQUENTIAL_JPEG:
+    if encoded is not None and tsyntax in _SEQUENTIAL_JPEG:
         with contextlib.suppress(Exception):  # the retry only ever adds a decode: report the first failure
-            encoded = get_frame(ds.PixelData, frame, number_of_frames=_int(ds, "NumberOfFrames", default=1))
             restated = _sequential_scans(encoded)
             if restated is not None:
                 return pixel_array(_single_frame(ds, restated))
     raise Rejected(Reason.CORRUPT, f"pixel data undecodable ({_technical(failure)})")
+
+
+def _encoded_frame(ds: Dataset, frame: int) -> bytes | None:
+    """The frame's encapsulated bytes, or None where pydicom's own reading must judge the encapsulation."""
+    try:
+        return get_frame(ds.PixelData, frame, number_of_frames=_int(ds, "NumberOfFrames", default=1))
+    except Exception:
+        return None
 
 
 def _single_frame(ds: Dataset, encoded: bytes) -> Dataset:

@@ -643,3 +643,26 @@ def test_rejected_is_reason_and_detail() -> None:
         "not_image", "corrupt", "unsupported_transfer_syntax", "unlabelled", "too_large",
         "unsafe_archive", "blank", "empty", "no_pixel_data",
     }  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "name", ["SC_rgb_jpeg_dcmtk.dcm", "MR_small_jpeg_ls_lossless.dcm", "MR_small_jp2klossless.dcm"]
+)
+def test_truncated_compressed_frames_are_refused_and_padding_is_not(name) -> None:
+    ds = pydicom.dcmread(io.BytesIO(local(name)))
+    frame = get_frame(ds.PixelData, 0, number_of_frames=1)
+
+    def with_frame(encoded: bytes) -> bytes:
+        ds.PixelData = encapsulate([encoded])
+        buffer = io.BytesIO()
+        ds.save_as(buffer, enforce_file_format=True)
+        return buffer.getvalue()
+
+    cut = frame[: len(frame) * 2 // 3 // 2 * 2]  # what an interrupted transfer leaves
+    caught = rejection(with_frame(cut))
+    assert (caught.reason, caught.detail) == (
+        Reason.CORRUPT,
+        "compressed frame is truncated (no end-of-image marker)",
+    )
+    padded = decode(with_frame(frame + b"\0\0"))
+    assert np.array_equal(padded.pixels, decode(local(name)).pixels)
