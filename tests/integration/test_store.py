@@ -7,7 +7,7 @@ import pytest
 from mmpipe import embedded
 from mmpipe.config import get_settings
 from mmpipe.errors import StoreError
-from mmpipe.store import open_store, split_uri
+from mmpipe.store import MAX_PARALLEL_FOLDERS, open_store, split_uri
 
 pytestmark = pytest.mark.integration
 
@@ -55,6 +55,15 @@ def test_listing_pages_and_prefixes(ready) -> None:
     assert len(keys) == 1008 and keys == sorted(keys) and set(nested) <= set(keys)
     assert [o.key for o in store.list("training/brain")] == keys[:1006]  # a prefix that is no folder
     assert [o.key for o in store.list("incoming/")] == ["incoming/other.dcm"]
+
+
+def test_listing_many_folders_flat_gives_the_same_objects(ready) -> None:
+    _, store, _ = ready()
+    keys = [f"incoming/S{n:03d}/im.dcm" for n in range(MAX_PARALLEL_FOLDERS + 3)] + ["incoming/top.dcm"]
+    for key in keys:
+        store.put(key, b"x")
+    assert [o.key for o in store.list("incoming/")] == sorted(keys)
+    assert [o.key for o in store.list("incoming/S00")] == sorted(keys)[:10]  # few folders: in parallel
 
 
 def test_listing_reports_what_head_reports_for_awkward_keys(ready) -> None:
