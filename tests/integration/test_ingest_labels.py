@@ -49,6 +49,10 @@ def labels_of(catalog) -> dict[tuple[str, str], tuple[str, str]]:
     }
 
 
+def image_ids(catalog) -> dict[str, str]:
+    return {r["source_key"]: r["image_id"] for r in catalog.query("SELECT source_key, image_id FROM images")}
+
+
 def quarantined(catalog) -> dict[tuple[str, str], tuple[str, str]]:
     rows = catalog.query("SELECT source_key, member_path, reason, detail FROM quarantine")
     return {
@@ -163,7 +167,7 @@ def test_a_corrected_manifest_relabels_only_what_it_changes(ready, pg_url) -> No
     store.put(EXPORT + "P3/c.dcm", dicom(43, "CT", "LIVER"))  # a header rule labels it
     settings = settings.model_copy(update={"label_rules": RULES})
     first = ingest.run(settings, store, catalog, "r1", prefix=EXPORT)
-    ids = {r["source_key"]: r["image_id"] for r in catalog.query("SELECT source_key, image_id FROM images")}
+    ids = image_ids(catalog)
 
     store.put(EXPORT + "labels.csv", b"path,label\nP1/a.dcm,chest_xray\nP2/,lung_ct\n")
     second = ingest.run(settings, store, catalog, "r2", prefix=EXPORT)
@@ -174,9 +178,7 @@ def test_a_corrected_manifest_relabels_only_what_it_changes(ready, pg_url) -> No
         ("P2/b.dcm", ""): ("lung_ct", "manifest"),
         ("P3/c.dcm", ""): ("liver_ct", "header_rule"),
     }
-    assert {
-        r["source_key"]: r["image_id"] for r in catalog.query("SELECT source_key, image_id FROM images")
-    } == ids
+    assert image_ids(catalog) == ids  # same pixels, same images: only labels changed
     assert catalog.scalar("SELECT count(*) FROM duplicates") == 0
     assert ingest.run(settings, store, catalog, "r3", prefix=EXPORT)["new_objects"] == 0
 
