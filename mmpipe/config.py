@@ -81,6 +81,12 @@ class Settings(BaseSettings):
         description='DICOM header rules, first match wins, e.g. [{"modality": "CT", "body_part": "CHEST", '
         '"label": "lung_ct"}]; fields modality, body_part ("|" separates alternatives), study_description (regex).',
     )
+    decode_timeout_seconds: float = Field(
+        300,
+        gt=0,
+        description="Longest one object may take to fetch and decode in a decode process; one stuck "
+        "longer (a decoder looping on malformed data) is killed and the object quarantined as corrupt.",
+    )
     orphan_grace_hours: float = Field(
         24,
         ge=0,

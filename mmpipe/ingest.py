@@ -577,7 +577,8 @@ class Fetcher:
 
     def __init__(self, settings: Settings, store: Store, context: _Context, objects: int):
         self.processes = min(decode_processes(settings), max(objects, 1))
-        self.store, self.context, self.settings = store, context, settings
+        self.store, self.context = store, context
+        self.timeout = settings.decode_timeout_seconds  # enforced in decode processes only
         if decode_processes(settings) > 1:
             # built here, used only by the decode processes: none shares a connection (_worker_start)
             self.worker_store = Store(settings)
@@ -621,16 +622,26 @@ class Fetcher:
             self.pool = self._process_pool()
 
     def results(self, chunk: _Chunk) -> list[Outcome]:
-        """The chunk's outcomes; if its decode process died, each object decoded again on its own."""
+        """The chunk's outcomes; if its decode process died or hangs, each object decoded again on its own.
+
+        A chunk not done ``decode_timeout_seconds`` per object after its turn came is stuck (a
+        decoder looping on malformed data): the pool's processes are killed, which breaks the pool.
+        """
+        threads = isinstance(chunk.pool, ThreadPoolExecutor)  # a thread cannot be killed: no timeout
         try:
-            return chunk.future.result()
+            return chunk.future.result(timeout=None if threads else self.timeout * len(chunk.objects))
+        except TimeoutError:
+            for process in list(getattr(chunk.pool, "_processes", {}).values()):  # no public kill
+                process.kill()
+            self._replace_pool(chunk.pool)
+            return self.isolated(chunk.objects)
         except BrokenProcessPool:
             self._replace_pool(chunk.pool)
             return self.isolated(chunk.objects)
 
     def isolated(self, objects: list[ObjectInfo]) -> list[Outcome]:
         """Each object in a fresh process of its own, ``processes`` at a time; an object whose process
-        dies without an answer is quarantined with the cause (see :func:`_crash_rejection`)."""
+        dies, or does not answer within ``decode_timeout_seconds``, is quarantined with the cause."""
         context = multiprocessing.get_context("fork")
         outcomes = []
         for start in range(0, len(objects), self.processes):
@@ -642,18 +653,25 @@ class Fetcher:
                 )
                 process.start()
                 send.close()
-                running.append((obj, process, receive))
-            for obj, process, receive in running:
-                try:
-                    outcome = receive.recv()
-                except EOFError:  # died before answering
-                    process.join()
-                    outcome = Outcome(obj, quarantined=[_rejection("", _crash_rejection(process.exitcode))])
-                    log.warning("decode process for one object died (exit %s); quarantined", process.exitcode)
-                process.join()
-                receive.close()
-                outcomes.append(outcome)
+                running.append((obj, process, receive, time.monotonic() + self.timeout))
+            for obj, process, receive, deadline in running:
+                outcomes.append(self._answer(obj, process, receive, deadline))
         return outcomes
+
+    def _answer(self, obj: ObjectInfo, process: Any, receive: Any, deadline: float) -> Outcome:
+        try:
+            if receive.poll(max(deadline - time.monotonic(), 0)):
+                return receive.recv()
+            process.kill()
+            rejection = Rejected(Reason.CORRUPT, f"decoding did not finish within {self.timeout:g} s")
+        except EOFError:  # died before answering
+            process.join()
+            rejection = _crash_rejection(process.exitcode)
+        finally:
+            process.join()  # at once: it answered, died or was killed
+            receive.close()
+        log.warning("decode process for one object failed (%s); quarantined", rejection.detail)
+        return Outcome(obj, quarantined=[_rejection("", rejection)])
 
 
 def _context(settings: Settings, catalog: Catalog, prefix: str, labeler: Labeler | None = None) -> _Context:

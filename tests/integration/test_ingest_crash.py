@@ -6,6 +6,7 @@ from __future__ import annotations
 import faulthandler
 import os
 import signal
+import time
 
 import pytest
 
@@ -19,7 +20,10 @@ KILLERS = {b"POISON-KILL": signal.SIGKILL, b"POISON-SEGV": signal.SIGSEGV}
 
 
 def dying_decode(data: bytes, *args, **kwargs):
-    """The real decoder, except that marked objects take their process down, as a bomb or a bug would."""
+    """The real decoder, except that marked objects take their process down, as a bomb or a bug would,
+    or never finish, as a decoder looping on malformed data would."""
+    if data.startswith(b"POISON-HANG"):
+        time.sleep(3600)
     for marker, sig in KILLERS.items():
         if data.startswith(marker):
             faulthandler.disable()  # pytest's crash dump of the dying child is noise here
@@ -47,3 +51,20 @@ def test_dead_decode_processes_quarantine_their_object_only(ready, monkeypatch, 
     ]
     assert "SIGKILL" in rows[0]["detail"] and "SIGSEGV" in rows[1]["detail"]
     assert ingest.run(settings, store, catalog, "crash-again")["new_objects"] == 0
+
+
+def test_a_decode_that_never_finishes_is_killed_and_quarantined(ready, monkeypatch) -> None:
+    settings, store, catalog = ready(ingest_processes=2, decode_timeout_seconds=1.5)
+    monkeypatch.setattr(ingest, "decode_image", dying_decode)
+    for n in range(5):
+        store.put(f"training/liver_ct/P{n}/ct.dcm", dicom_bytes(n, Modality="CT"))
+    store.put("training/liver_ct/P7/loop.dcm", b"POISON-HANG" + bytes(64))
+
+    started = time.monotonic()
+    report = ingest.run(settings, store, catalog, "hang", batch_size=3)
+
+    assert (report["status"], report["ingested"], report["quarantined"]) == ("succeeded", 5, 1)
+    row = catalog.query("SELECT source_key, reason, detail FROM quarantine")[0]
+    assert (row["source_key"], row["reason"]) == ("training/liver_ct/P7/loop.dcm", "corrupt")
+    assert row["detail"] == "decoding did not finish within 1.5 s"
+    assert time.monotonic() - started < 60
