@@ -27,7 +27,7 @@ import numpy as np
 import pydicom
 from PIL import Image
 
-from mmpipe import embedded, ingest, synth
+from mmpipe import decoding, embedded, ingest, synth
 from mmpipe.catalog import open_catalog, upgrade
 from mmpipe.config import Settings, get_settings
 from mmpipe.errors import ConfigError, MmpipeError
@@ -103,7 +103,7 @@ def bench_ingest(objects: int, workdir: Path) -> dict[str, Any]:
         if first["images"] != objects:
             raise MmpipeError(f"bench corpus not fully ingested: {json.dumps(first)}")
         print(
-            f"mmpipe ingest ({ingest.decode_processes(settings)} decode processes): {first['new_objects']} "
+            f"mmpipe ingest ({decoding.decode_processes(settings)} decode processes): {first['new_objects']} "
             f"objects in {mmpipe_s:.1f} s = {objects / mmpipe_s:.1f} objects/s"
         )
         rerun, rerun_s = _timed(lambda: ingest.run(settings, store, catalog, "bench-rerun"))

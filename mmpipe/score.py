@@ -18,9 +18,9 @@ import numpy as np
 from mmpipe import modelcard
 from mmpipe.catalog import Catalog
 from mmpipe.config import Settings
+from mmpipe.decoding import expand, fetch_listed
 from mmpipe.errors import MmpipeError
 from mmpipe.imaging import Limits, Rejected, decode_image
-from mmpipe.ingest import expand, fetch_listed
 from mmpipe.promote import champion
 from mmpipe.store import ObjectInfo, Store
 

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from mmpipe import ingest
+from mmpipe import decoding, ingest
 from mmpipe.imaging import decode_image as real_decode_image
 from tests.dicom_factory import dicom_bytes
 
@@ -34,7 +34,7 @@ def dying_decode(data: bytes, *args, **kwargs):
 @pytest.mark.parametrize("batch_size", [3, 200])  # pipelined batches share the broken pool, or one batch
 def test_dead_decode_processes_quarantine_their_object_only(ready, monkeypatch, batch_size) -> None:
     settings, store, catalog = ready(ingest_processes=2)
-    monkeypatch.setattr(ingest, "decode_image", dying_decode)  # forked decode processes inherit it
+    monkeypatch.setattr(decoding, "decode_image", dying_decode)  # forked decode processes inherit it
     for n in range(7):
         store.put(f"training/lung_ct/P{n}/ct.dcm", dicom_bytes(n, Modality="CT"))
     store.put("training/lung_ct/P8/bomb.dcm", b"POISON-KILL" + bytes(64))
@@ -55,7 +55,7 @@ def test_dead_decode_processes_quarantine_their_object_only(ready, monkeypatch, 
 
 def test_a_decode_that_never_finishes_is_killed_and_quarantined(ready, monkeypatch) -> None:
     settings, store, catalog = ready(ingest_processes=2, decode_timeout_seconds=1.5)
-    monkeypatch.setattr(ingest, "decode_image", dying_decode)
+    monkeypatch.setattr(decoding, "decode_image", dying_decode)
     for n in range(5):
         store.put(f"training/liver_ct/P{n}/ct.dcm", dicom_bytes(n, Modality="CT"))
     store.put("training/liver_ct/P7/loop.dcm", b"POISON-HANG" + bytes(64))

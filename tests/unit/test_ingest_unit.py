@@ -13,8 +13,9 @@ from PIL import Image
 from pydicom.uid import SecondaryCaptureImageStorage
 
 from mmpipe.config import CLASSES, get_settings
+from mmpipe.decoding import decode_processes, expand, process_object
 from mmpipe.imaging import Limits
-from mmpipe.ingest import batch_id, decode_processes, expand, like_prefix, process_object, run_slug
+from mmpipe.ingest import batch_id, like_prefix, run_slug
 from mmpipe.labels import Labeler, Manifest
 from mmpipe.store import ObjectInfo
 from tests.dicom_factory import dicom_bytes
