@@ -90,7 +90,7 @@ class Settings(BaseSettings):
     orphan_grace_hours: float = Field(
         24,
         ge=0,
-        description="Curated shards that no image row references are deleted once this old: what a "
+        description="Curated shards and quarantine records that no catalog row references are deleted once this old: what a "
         "batch killed before its commit left behind (younger ones may belong to a batch still running).",
     )
     ingest_processes: int = Field(

@@ -72,7 +72,7 @@ from mmpipe.store import ObjectInfo, Store
 
 log = logging.getLogger(__name__)
 
-CURATED_PREFIX = "curated/"
+CURATED_PREFIX, QUARANTINE_PREFIX = "curated/", "quarantine/"
 MAX_MANIFEST_BYTES = 64 * 2**20
 _LOCK = 727_272  # PostgreSQL advisory lock serialising batch commits
 
@@ -521,7 +521,7 @@ def _write_quarantine_records(
         for q in outcome.quarantined:
             record = {"source_key": outcome.obj.key, "source_etag": outcome.obj.etag, **q, "run_id": run_id}
             digest = hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:16]
-            records.append((f"quarantine/{slug}/{digest}.json", record))
+            records.append((f"{QUARANTINE_PREFIX}{slug}/{digest}.json", record))
     put: Callable[[tuple[str, dict]], str] = lambda item: store.put_json(*item)  # noqa: E731
     with ThreadPoolExecutor(workers) as pool:
         uris = list(pool.map(put, records))
@@ -555,27 +555,30 @@ def _source_rows(
 
 
 def sweep_orphans(settings: Settings, store: Store, catalog: Catalog) -> dict[str, int]:
-    """Delete curated shards that no image row references, once older than ``orphan_grace_hours``.
+    """Delete curated shards and quarantine records that no catalog row references, once older than
+    ``orphan_grace_hours``.
 
-    Shards are written before the batch's rows commit, so a batch killed in between leaves shards
+    Both are written before the batch's rows commit, so a batch killed in between leaves objects
     nobody references; a retry of the same batch rewrites the same keys, a later run writes others.
     Shards of retired images stay: frozen snapshots and old plans may still read them.
     """
-    referenced = {r["shard_uri"] for r in catalog.query("SELECT DISTINCT shard_uri FROM images")}
+    referenced = {r["uri"] for r in catalog.query("SELECT DISTINCT shard_uri AS uri FROM images")}
+    referenced |= {r["uri"] for r in catalog.query("SELECT record_uri AS uri FROM quarantine")}
     cutoff = datetime.now(UTC) - timedelta(hours=settings.orphan_grace_hours)
-    shards = store.list(CURATED_PREFIX)
+    listed = {prefix: store.list(prefix) for prefix in (CURATED_PREFIX, QUARANTINE_PREFIX)}
     orphans = [
         o
-        for o in shards
+        for o in listed[CURATED_PREFIX] + listed[QUARANTINE_PREFIX]
         if store.uri(o.key) not in referenced and datetime.fromisoformat(o.modified) <= cutoff
     ]
     store.delete([o.key for o in orphans])
     result = {
-        "shards": len(shards),
+        "shards": len(listed[CURATED_PREFIX]),
+        "quarantine_records": len(listed[QUARANTINE_PREFIX]),
         "orphans_deleted": len(orphans),
         "bytes_freed": sum(o.size for o in orphans),
     }
-    log.info("curated sweep: %s", json.dumps(result, sort_keys=True))
+    log.info("sweep: %s", json.dumps(result, sort_keys=True))
     return result
 
 

@@ -155,10 +155,11 @@ def _survivors(marker: str, wait: float = 5.0) -> list[int]:
         time.sleep(0.1)
 
 
-def test_sweep_deletes_only_the_shards_of_a_batch_that_never_committed(ready, monkeypatch) -> None:
+def test_sweep_deletes_only_what_a_batch_that_never_committed_wrote(ready, monkeypatch) -> None:
     settings, store, catalog = ready(shard_size=2)
     for n in range(5):
         store.put(f"training/brain_mri/E{n:03d}/im.dcm", dicom(n))
+    store.put("training/brain_mri/E009/bad.dcm", b"not dicom" * 50)
     real_upsert = catalog.upsert
 
     def commit_dies(table, rows, *args, **kwargs):
@@ -170,15 +171,17 @@ def test_sweep_deletes_only_the_shards_of_a_batch_that_never_committed(ready, mo
     with pytest.raises(RuntimeError, match="killed"):
         ingest.run(settings, store, catalog, "killed")
     monkeypatch.undo()
-    orphans = {o.key for o in store.list("curated/")}
-    assert len(orphans) == 3 and catalog.scalar("SELECT count(*) FROM images") == 0
+    orphans = {o.key for o in store.list("curated/") + store.list("quarantine/")}
+    assert len(orphans) == 4 and catalog.scalar("SELECT count(*) FROM images") == 0  # 3 shards, 1 record
 
     ingest.run(settings, store, catalog, "next-night")
     kept = {store.key_of(r["shard_uri"]) for r in catalog.query("SELECT shard_uri FROM images")}
-    assert len(kept) == 3 and not kept & orphans
+    kept |= {store.key_of(r["record_uri"]) for r in catalog.query("SELECT record_uri FROM quarantine")}
+    assert len(kept) == 4 and not kept & orphans
 
     assert ingest.sweep_orphans(settings, store, catalog)["orphans_deleted"] == 0  # within the grace
     swept = ingest.sweep_orphans(settings.model_copy(update={"orphan_grace_hours": 0}), store, catalog)
-    assert (swept["shards"], swept["orphans_deleted"]) == (6, 3) and swept["bytes_freed"] > 0
-    assert {o.key for o in store.list("curated/")} == kept
+    assert (swept["shards"], swept["quarantine_records"], swept["orphans_deleted"]) == (6, 2, 4)
+    assert swept["bytes_freed"] > 0
+    assert {o.key for o in store.list("curated/") + store.list("quarantine/")} == kept
     assert len(ingest.load_pixels(store, catalog.query("SELECT image_id, shard_uri FROM images"))) == 5
