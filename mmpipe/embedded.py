@@ -21,6 +21,9 @@ from pathlib import Path
 
 from mmpipe.errors import ConfigError, StoreError
 
+VOLUME_SIZE_MB = 256
+MAX_VOLUMES = 2000
+
 
 @dataclass(frozen=True)
 class EmbeddedStore:
@@ -94,6 +97,11 @@ def start(data_dir: Path, s3_port: int | None = None, timeout: float = 60.0) -> 
         "-s3.port.lance=0",
         "-admin.ui=false",
         "-webdav=false",
+        # Each bucket gets volumes of its own, and by default weed sizes volumes (up to 1 GB) and
+        # their number from the free disk: 45 GB free allowed only 45 buckets with data. Volumes
+        # are sparse files, so a fixed ceiling costs no space until data arrives.
+        f"-master.volumeSizeLimitMB={VOLUME_SIZE_MB}",
+        f"-volume.max={MAX_VOLUMES}",
     ]
     log = (data_dir / "weed.log").open("ab")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
