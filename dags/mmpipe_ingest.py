@@ -7,7 +7,8 @@ pseudonymise, write shards to `curated/`), proves that every listed object ended
 duplicate or quarantined, then runs the Great Expectations batch suite. A batch failing a
 critical expectation fails `validate` and is excluded from training; nothing is deleted.
 `sweep` then deletes curated shards and quarantine records no catalog row references, once
-older than `orphan_grace_hours` (left by batches killed before their commit). A rerun with nothing new does nothing.
+older than `orphan_grace_hours` (left by batches killed before their commit). A rerun with
+nothing new does nothing.
 """
 
 from __future__ import annotations

@@ -41,7 +41,7 @@ PREFIX = ingest.TRAINING_PREFIX
 def naive_ingest(store: Store, prefix: str, size: int) -> int:
     """The baseline: one object at a time, one output file per image."""
     done = 0
-    for obj in list(store.list(prefix)):
+    for obj in store.list(prefix):
         ds = pydicom.dcmread(io.BytesIO(store.get(obj.key)))
         pixels = ds.pixel_array.astype(np.float32)
         lo, hi = float(pixels.min()), float(pixels.max())

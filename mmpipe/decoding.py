@@ -216,7 +216,7 @@ def _worker_start(store: Store, context: DecodeContext, parent: int) -> None:
 
     ``store`` was built by the parent for its decode processes and never used there, so it holds no
     connection to share: each process opens its own on first use (a client built once, not once per
-    process, saves ~0.1 s of CPU per process). The parent's logging handlers and locks are not the
+    process, saves ~0.2 s of CPU per process). The parent's logging handlers and locks are not the
     child's to use; outcomes (reasons and details) carry everything the parent records.
     """
     global _worker
@@ -268,16 +268,16 @@ class Fetcher:
     threads would share one core), or ``ingest_workers`` threads where processes are off.
 
     One fetcher serves a whole run, so batches queue behind each other without new processes and
-    the next batch decodes while the previous one is recorded. A decode process that dies (the OOM
-    killer, a crashing C decoder) must not fail the run, nor its retries: the objects whose results
-    it took down are decoded again one process each, and the one whose process dies is quarantined.
+    the next batch decodes while the previous one is recorded. Dead or stuck decode processes: see
+    the module doc.
     """
 
     def __init__(self, settings: Settings, store: Store, context: DecodeContext, objects: int):
-        self.processes = min(decode_processes(settings), max(objects, 1))
+        processes = decode_processes(settings)
+        self.processes = min(processes, max(objects, 1))
         self.store, self.context = store, context
         self.timeout = settings.decode_timeout_seconds  # enforced in decode processes only
-        if decode_processes(settings) > 1:
+        if processes > 1:
             # built here, used only by the decode processes: none shares a connection (_worker_start)
             self.worker_store = Store(settings)
             self.pool = self._process_pool()
@@ -309,10 +309,11 @@ class Fetcher:
 
     def _submit_chunk(self, objects: list[ObjectInfo]) -> Chunk:
         try:
-            return Chunk(objects, self.pool.submit(_worker_fetch, objects), self.pool)
-        except BrokenProcessPool:
+            future = self.pool.submit(_worker_fetch, objects)
+        except BrokenProcessPool:  # broken by an earlier chunk: this one goes to a fresh pool
             self._replace_pool(self.pool)
-            return Chunk(objects, self.pool.submit(_worker_fetch, objects), self.pool)
+            future = self.pool.submit(_worker_fetch, objects)
+        return Chunk(objects, future, self.pool)
 
     def _replace_pool(self, broken: Executor) -> None:
         if broken is self.pool:
@@ -331,11 +332,10 @@ class Fetcher:
         except TimeoutError:
             for process in list(getattr(chunk.pool, "_processes", {}).values()):  # no public kill
                 process.kill()
-            self._replace_pool(chunk.pool)
-            return self.isolated(chunk.objects)
         except BrokenProcessPool:
-            self._replace_pool(chunk.pool)
-            return self.isolated(chunk.objects)
+            pass
+        self._replace_pool(chunk.pool)
+        return self.isolated(chunk.objects)
 
     def isolated(self, objects: list[ObjectInfo]) -> list[Outcome]:
         """Each object in a fresh process of its own, ``processes`` at a time; an object whose process
@@ -357,16 +357,20 @@ class Fetcher:
         return outcomes
 
     def _answer(self, obj: ObjectInfo, process: Any, receive: Any, deadline: float) -> Outcome:
+        timed_out = False
         try:
             if receive.poll(max(deadline - time.monotonic(), 0)):
                 return receive.recv()
             process.kill()
-            rejection = Rejected(Reason.CORRUPT, f"decoding did not finish within {self.timeout:g} s")
+            timed_out = True
         except EOFError:  # died before answering
-            process.join()
-            rejection = _crash_rejection(process.exitcode)
+            pass
         finally:
             process.join()  # at once: it answered, died or was killed
             receive.close()
+        if timed_out:
+            rejection = Rejected(Reason.CORRUPT, f"decoding did not finish within {self.timeout:g} s")
+        else:
+            rejection = _crash_rejection(process.exitcode)
         log.warning("decode process for one object failed (%s); quarantined", rejection.detail)
         return Outcome(obj, quarantined=[_rejection("", rejection)])

@@ -187,6 +187,12 @@ class Labeling:
         rules = digest([list(settings.classes), list(settings.label_rules)])
         return cls(rules, digest(sorted((o.key, o.etag) for o in manifests)))
 
+    @classmethod
+    def recorded(cls, catalog: Catalog, prefix: str) -> Labeling | None:
+        """What the last successful run over ``prefix`` resolved its labels with, if any run did."""
+        rows = catalog.query("SELECT rules_hash, manifests_hash FROM label_state WHERE prefix = :p", p=prefix)
+        return cls(rows[0]["rules_hash"], rows[0]["manifests_hash"]) if rows else None
+
 
 LABELLED = (
     "SELECT x.source_key, x.source_etag, x.member_path, {label} FROM {table} x JOIN source_objects s "
@@ -254,7 +260,7 @@ def _list_new(store: Store, catalog: Catalog, prefix: str, settings: Settings) -
     fails with the fix.
     """
     names = settings.label_manifest_names
-    listed = list(store.list(prefix))
+    listed = store.list(prefix)
     data = [o for o in listed if not is_manifest(o.key, names)]
     if not data:
         raise MmpipeError(
@@ -272,12 +278,11 @@ def _list_new(store: Store, catalog: Catalog, prefix: str, settings: Settings) -
         )
     }
     labeler = load_labeler(settings, catalog, prefix)  # after the manifest refresh
-    labeling = Labeling.of(settings, manifests)
-    last = catalog.query("SELECT rules_hash, manifests_hash FROM label_state WHERE prefix = :p", p=prefix)
-    again: set[tuple[str, str]] = set()
-    if not last or (last[0]["rules_hash"], last[0]["manifests_hash"]) != (labeling.rules, labeling.manifests):
+    labeling, last = Labeling.of(settings, manifests), Labeling.recorded(catalog, prefix)
+    again = set()
+    if labeling != last:
         again = _stale_labels(
-            catalog, prefix, labeler, bool(last) and last[0]["rules_hash"] != labeling.rules
+            catalog, prefix, labeler, rules_changed=last is not None and last.rules != labeling.rules
         )
     new = [o for o in data if (o.key, o.etag) not in seen or (o.key, o.etag) in again]
     log.info(
@@ -353,10 +358,10 @@ def _record_batch(
     store: Store,
     catalog: Catalog,
     run_id: str,
-    objects: Sequence[ObjectInfo],
     fetcher: Fetcher,
     chunks: list[Chunk],
 ) -> dict[str, int]:
+    objects = [o for chunk in chunks for o in chunk.objects]
     started, outcomes, mark = time.monotonic(), [], 0
     for chunk in chunks:
         outcomes += fetcher.results(chunk)
@@ -376,7 +381,7 @@ def ingest_objects(
 ) -> dict[str, int]:
     """Ingest one batch: bounded parallel fetch+decode, shards, then one catalog transaction."""
     with Fetcher(settings, store, _context(settings, catalog, prefix), len(objects)) as fetcher:
-        return _record_batch(settings, store, catalog, run_id, objects, fetcher, fetcher.submit(objects))
+        return _record_batch(settings, store, catalog, run_id, fetcher, fetcher.submit(objects))
 
 
 def _stored_labels(conn: Connection, image_ids: Iterable[str], batch_keys: set[str]) -> dict[str, str]:
@@ -707,16 +712,15 @@ def _ingest_all(
     if not new:  # an idle night starts no decode process
         return []
     started, results = time.monotonic(), []
-    pending: deque[tuple[list[ObjectInfo], list[Chunk]]] = deque()
+    pending: deque[list[Chunk]] = deque()
     with Fetcher(settings, store, context, len(new)) as fetcher:
 
         def record_oldest() -> None:
-            objects, chunks = pending.popleft()
-            results.append(_record_batch(settings, store, catalog, run_id, objects, fetcher, chunks))
+            results.append(_record_batch(settings, store, catalog, run_id, fetcher, pending.popleft()))
             _progress("run", sum(r["objects"] for r in results), len(new), started)
 
         for batch in batches(new, batch_size):
-            pending.append((batch, fetcher.submit(batch)))
+            pending.append(fetcher.submit(batch))
             if len(pending) == 2:
                 record_oldest()
         while pending:

@@ -26,7 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from itertools import chain
 from typing import Any
-from urllib.parse import unquote, unquote_plus, urlsplit
+from urllib.parse import unquote, unquote_plus, urlsplit, urlunsplit
 from xml.etree import ElementTree
 
 import boto3
@@ -124,7 +124,7 @@ class Getter:
         """The body of a 200 answer to GET ``url``; :class:`GetFailed` otherwise."""
         parts = urlsplit(url)
         route = self._route(parts.scheme, parts.netloc)
-        target = url if route.absolute else f"{parts.path}?{parts.query}" if parts.query else parts.path
+        target = url if route.absolute else urlunsplit(("", "", parts.path, parts.query, ""))
         for attempt in range(FETCH_ATTEMPTS):
             if attempt:
                 time.sleep(0.2 * 2 ** (attempt - 1))
@@ -265,8 +265,9 @@ class Store:
         The folders one level below ``prefix`` (``training/<class>/``) are listed concurrently: the
         server does the work of a listing, so a nightly run with nothing new waits on it, and
         folders in parallel roughly halve that wait here. Many folders (one per study) are listed
-        flat instead: one request per folder would cost more than it saves. Pages are presigned ListObjectsV2 GETs
-        parsed with ElementTree (8 vs 45 ms of CPU per 1,000 keys through botocore's parser).
+        flat instead: one request per folder would cost more than it saves. Pages are presigned
+        ListObjectsV2 GETs parsed with ElementTree (8 vs 45 ms of CPU per 1,000 keys through
+        botocore's parser).
         """
         direct, folders = self._list_pages(prefix, delimiter="/")
         if len(folders) > MAX_PARALLEL_FOLDERS:  # one folder per study: a flat listing is fewer requests
