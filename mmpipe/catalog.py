@@ -1,7 +1,8 @@
 """The catalog and metrics database (PostgreSQL in production, SQLite for the embedded default).
 
-Schema lives in versioned SQL files under ``sql/`` (``NNN_name.sql``), applied in order by
-:func:`upgrade` and recorded in ``schema_migrations`` so re-running is a no-op. Everything else is
+Schema lives in versioned SQL files ``mmpipe/sql/NNN_name.sql``, package data so that an installed
+wheel can migrate, applied in order by :func:`upgrade` and recorded in ``schema_migrations`` so
+re-running is a no-op. Everything else is
 thin: parameterised SQL, UPSERTs for idempotent tasks, one transaction per logical step.
 """
 
@@ -19,7 +20,7 @@ from sqlalchemy.engine import Connection, Engine
 from mmpipe.config import Settings
 from mmpipe.errors import CatalogError
 
-SQL_DIR = Path(__file__).resolve().parents[1] / "sql"
+SQL_DIR = Path(__file__).resolve().parent / "sql"
 IN_CHUNK = 500  # bound parameters per IN (...) list, well under SQLite's and PostgreSQL's limits
 _MIGRATION = re.compile(r"^(\d{3})_[a-z0-9_]+\.sql$")
 

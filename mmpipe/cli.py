@@ -226,7 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--stop", action="store_true", help="stop a detached server")
     serve.set_defaults(fn=cmd_store_serve)
     db = sub.add_parser("db", help="catalog database").add_subparsers(dest="action", required=True)
-    db.add_parser("upgrade", help="apply pending migrations from sql/").set_defaults(fn=cmd_db_upgrade)
+    db.add_parser("upgrade", help="apply pending catalog migrations").set_defaults(fn=cmd_db_upgrade)
 
     synth = sub.add_parser("synth", help="generate synthetic labelled studies into the store")
     synth.add_argument("--images", type=int, default=300)

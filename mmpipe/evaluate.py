@@ -8,7 +8,6 @@ reliability diagram. Every evaluation names the snapshot it used.
 from __future__ import annotations
 
 import io
-import itertools
 import json
 from collections.abc import Sequence
 from typing import Any
@@ -17,31 +16,13 @@ import numpy as np
 from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support, roc_auc_score
 
 from mmpipe import modelcard
+from mmpipe.calibration import expected_calibration_error
 from mmpipe.catalog import Catalog
 from mmpipe.config import Settings
 from mmpipe.errors import MmpipeError
 from mmpipe.ingest import load_pixels
 from mmpipe.splits import snapshot_images
 from mmpipe.store import Store
-
-ECE_BINS = 10
-
-
-def expected_calibration_error(
-    probs: np.ndarray, labels: np.ndarray, bins: int = ECE_BINS
-) -> tuple[float, list]:
-    """Top-label ECE with equal-width confidence bins; also the per-bin (confidence, accuracy, count)."""
-    confidence = probs.max(1)
-    correct = probs.argmax(1) == labels
-    edges = np.linspace(0, 1, bins + 1)
-    ece, table = 0.0, []
-    for lo, hi in itertools.pairwise(edges):
-        mask = (confidence > lo) & (confidence <= hi)
-        if mask.any():
-            conf, acc = float(confidence[mask].mean()), float(correct[mask].mean())
-            ece += mask.mean() * abs(conf - acc)
-            table.append((conf, acc, int(mask.sum())))
-    return float(ece), table
 
 
 def compute_metrics(labels: np.ndarray, probs: np.ndarray, classes: Sequence[str]) -> dict[str, Any]:

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
+from mmpipe.calibration import probabilities
 from mmpipe.models import create_model
 from mmpipe.store import Store
 
@@ -43,6 +44,11 @@ class ModelCard:
     best_val_macro_f1: float
     clahe_clip_limit: float | None = None  # CLAHE before the channel mode; None = off (cards before CLAHE)
     clahe_tiles: int = 8
+    # Fitted on the validation split at training time (mmpipe.calibration); scoring replays them.
+    temperature: float = 1.0  # logits / temperature before softmax; 1.0 = uncalibrated
+    ood_score: str = "energy"  # how out-of-distribution is scored (mmpipe.calibration.energy)
+    ood_threshold: float | None = None  # score above this = out of distribution; None = no open-set check
+    ood_recall: float | None = None  # share of in-distribution validation images under the threshold
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -175,12 +181,16 @@ def resolve_device(setting: str) -> torch.device:
 
 
 @torch.inference_mode()
-def predict(model: torch.nn.Module, card: ModelCard, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
-    """Class probabilities (N, C) for uint8 canonical images (N, H, W)."""
+def logits(model: torch.nn.Module, card: ModelCard, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
+    """Raw logits (N, C) for uint8 canonical images (N, H, W)."""
     device = next(model.parameters()).device
     out = []
     for start in range(0, len(images), batch_size):
         batch = torch.from_numpy(np.ascontiguousarray(images[start : start + batch_size])).to(device)
-        x = preprocess_for(card, batch)
-        out.append(torch.softmax(model(x).float(), dim=1).cpu().numpy())
+        out.append(model(preprocess_for(card, batch)).float().cpu().numpy())
     return np.concatenate(out) if out else np.zeros((0, len(card.classes)), dtype=np.float32)
+
+
+def predict(model: torch.nn.Module, card: ModelCard, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
+    """Class probabilities (N, C) for uint8 canonical images (N, H, W), at the card's temperature."""
+    return probabilities(logits(model, card, images, batch_size), card.temperature).astype(np.float32)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from mmpipe.evaluate import compute_metrics, expected_calibration_error
+from mmpipe.calibration import expected_calibration_error
+from mmpipe.evaluate import compute_metrics
 from mmpipe.promote import decide
 from mmpipe.score import summarise
 
