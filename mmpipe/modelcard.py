@@ -9,7 +9,7 @@ in the store stay un-enhanced; enhancement happens here, identically at training
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
@@ -49,6 +49,9 @@ class ModelCard:
     ood_score: str = "energy"  # how out-of-distribution is scored (mmpipe.calibration.energy)
     ood_threshold: float | None = None  # score above this = out of distribution; None = no open-set check
     ood_recall: float | None = None  # share of in-distribution validation images under the threshold
+    # Share of frozen-test predictions that a reduced precision ("bfloat16", "float16") keeps equal to
+    # float32, measured at promotion; scoring uses a precision only where it is recorded high enough.
+    precision_agreement: dict[str, float] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -181,13 +184,20 @@ def resolve_device(setting: str) -> torch.device:
 
 
 @torch.inference_mode()
-def logits(model: torch.nn.Module, card: ModelCard, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
-    """Raw logits (N, C) for uint8 canonical images (N, H, W)."""
+def logits(
+    model: torch.nn.Module,
+    card: ModelCard,
+    images: np.ndarray,
+    batch_size: int = 64,
+    autocast: torch.dtype | None = None,
+) -> np.ndarray:
+    """Raw logits (N, C) for uint8 canonical images (N, H, W); ``autocast`` runs the model at that dtype."""
     device = next(model.parameters()).device
     out = []
     for start in range(0, len(images), batch_size):
         batch = torch.from_numpy(np.ascontiguousarray(images[start : start + batch_size])).to(device)
-        out.append(model(preprocess_for(card, batch)).float().cpu().numpy())
+        with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
+            out.append(model(preprocess_for(card, batch)).float().cpu().numpy())
     return np.concatenate(out) if out else np.zeros((0, len(card.classes)), dtype=np.float32)
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import pickle
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -73,6 +73,10 @@ class TinyCNN(nn.Module):
 
     def get_classifier(self) -> nn.Module:
         return self.fc
+
+    def group_matcher(self, coarse: bool = False) -> Callable[[str], tuple[int]]:
+        """timm's interface for parameter groups: one group per conv-BN-ReLU block, then the head."""
+        return lambda name: (int(name.split(".")[1]) // 3,) if name.startswith("features.") else (1 << 30,)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(torch.flatten(self.pool(self.features(x)), 1))
@@ -157,15 +161,50 @@ def _load_backbone_weights(model: nn.Module, weights: Mapping[str, torch.Tensor]
     log.info("loaded %d of %d backbone tensors into %s", len(matched), len(target), name)
 
 
-def _freeze_leading(model: nn.Module, freeze_ratio: float) -> None:
-    """Stop gradients for the first ``freeze_ratio`` of non-head parameter tensors, in module order.
+def backbone_blocks(model: nn.Module) -> list[list[str]]:
+    """Parameter names of the backbone's blocks, input to output, the classification head excluded.
 
-    BatchNorm running statistics still update in train mode; keeping them fixed is the training loop's call.
+    Blocks are timm's coarse parameter groups (stem, then each stage: the unit of layer-wise
+    fine-tuning); other models group by top-level child module in registration (forward) order.
     """
     head = classifier_parameter_names(model)
-    body = [param for name, param in model.named_parameters() if name not in head]
-    for param in body[: round(freeze_ratio * len(body))]:
-        param.requires_grad_(False)
+    matcher = getattr(model, "group_matcher", None)
+    if callable(matcher):
+        groups = list(timm.models.group_parameters(model, matcher(coarse=True)).values())
+    else:
+        by_child: dict[str, list[str]] = {}
+        for name, _ in model.named_parameters():
+            by_child.setdefault(name.split(".", 1)[0], []).append(name)
+        groups = list(by_child.values())
+    blocks = [[name for name in group if name not in head] for group in groups]
+    return [block for block in blocks if block]
+
+
+def freeze(model: nn.Module, share: float) -> int:
+    """Freeze the leading ``share`` of the backbone's blocks and unfreeze the rest; returns blocks frozen.
+
+    Calling it again with a smaller share is progressive unfreezing. The head always trains.
+    """
+    if not 0.0 <= share <= 1.0:
+        raise ConfigError(f"freeze share must be within [0, 1], got {share}")
+    blocks = backbone_blocks(model)
+    n_frozen = round(share * len(blocks))
+    frozen = {name for block in blocks[:n_frozen] for name in block}
+    for name, param in model.named_parameters():
+        param.requires_grad_(name not in frozen)
+    return n_frozen
+
+
+def set_train_mode(model: nn.Module) -> nn.Module:
+    """``model.train()``, except normalisation layers whose parameters are all frozen keep their
+    running statistics (eval mode): a frozen pretrained block must see the statistics it was trained with."""
+    model.train()
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            params = list(module.parameters(recurse=False))
+            if params and not any(p.requires_grad for p in params):
+                module.eval()
+    return model
 
 
 def create_model(
@@ -188,7 +227,7 @@ def create_model(
     model = _build(spec, num_classes)
     if weights is not None:
         _load_backbone_weights(model, weights, name)
-    _freeze_leading(model, freeze_ratio)
+    freeze(model, freeze_ratio)
     return model
 
 

@@ -13,11 +13,14 @@ from torch import nn
 from mmpipe.errors import ConfigError
 from mmpipe.models import (
     BACKBONES,
+    backbone_blocks,
     classifier_parameter_names,
     create_model,
     export_reference_weights,
+    freeze,
     get_spec,
     load_weights_file,
+    set_train_mode,
     weights_fingerprint,
 )
 
@@ -155,16 +158,26 @@ def test_unreadable_weights_files_raise_config_error(tmp_path) -> None:
             load_weights_file(path)
 
 
-def test_freeze_ratio_freezes_leading_half_and_never_the_head() -> None:
+def test_freeze_ratio_freezes_leading_whole_blocks_and_never_the_head() -> None:
     model = create_model("resnet18", NUM_CLASSES, freeze_ratio=0.5)
     head = classifier_parameter_names(model)
-    body = [(n, p.requires_grad) for n, p in model.named_parameters() if n not in head]
-    frozen = [n for n, trainable in body if not trainable]
-    assert abs(len(frozen) - len(body) / 2) <= 0.5
-    assert frozen == [n for n, _ in body[: len(frozen)]]  # a prefix in module order
+    blocks = backbone_blocks(model)
+    assert [b[0].split(".")[0] for b in blocks] == ["conv1", "layer1", "layer2", "layer3", "layer4"]
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    assert frozen == {n for block in blocks[:2] for n in block}  # round(0.5 * 5) leading blocks
     assert all(dict(model.named_parameters())[h].requires_grad for h in head)
     fully = create_model("resnet18", NUM_CLASSES, freeze_ratio=1.0)
     assert {n for n, p in fully.named_parameters() if p.requires_grad} == head
+
+
+def test_progressive_unfreezing_and_frozen_batchnorm_statistics() -> None:
+    model = create_model("resnet18", NUM_CLASSES)
+    assert freeze(model, 0.8) == 4 and freeze(model, 0.4) == 2  # a smaller share unfreezes later blocks
+    assert model.layer2[0].conv1.weight.requires_grad and not model.layer1[0].conv1.weight.requires_grad
+    set_train_mode(model)
+    assert not model.bn1.training and not model.layer1[0].bn1.training  # frozen: running stats kept
+    assert model.layer2[0].bn1.training and model.training
+    assert len(backbone_blocks(create_model("tinycnn", NUM_CLASSES))) == 3  # conv-BN-ReLU blocks
 
 
 def test_backward_step_updates_only_unfrozen_parameters() -> None:
