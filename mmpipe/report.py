@@ -346,7 +346,9 @@ def retrain_section(data: RunData, page: Page) -> list[Block]:
 
 
 def validation_section(data: RunData, page: Page) -> list[Block]:
-    return [(f"{v['suite']} suite ({v['subject']})", validation_html(v, page)) for v in data.rows["validations"]]
+    return [
+        (f"{v['suite']} suite ({v['subject']})", validation_html(v, page)) for v in data.rows["validations"]
+    ]
 
 
 def score_section(data: RunData, page: Page) -> list[Block]:
