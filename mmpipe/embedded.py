@@ -55,7 +55,9 @@ def weed_binary() -> Path:
 
 
 def _port_free(port: int) -> bool:
+    """Free for a listener: as Go's (weed's) listeners set SO_REUSEADDR, a port in TIME_WAIT counts as free."""
     with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind(("127.0.0.1", port))
         except OSError:

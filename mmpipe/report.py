@@ -289,6 +289,8 @@ Block = tuple[str, str]  # (heading, HTML)
 
 
 def ingest_section(data: RunData, page: Page) -> list[Block]:
+    if not data.rows.get("ingest_runs"):
+        return []
     run = data.rows["ingest_runs"][0]
     blocks: list[Block] = [("Accounting", fields_html(run, page))]
     report = data.documents.get(run.get("report_uri") or "")
