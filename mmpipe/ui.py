@@ -98,23 +98,26 @@ def start(home: Path, port: int, base: dict[str, str], timeout: float = 240) -> 
         ).returncode:
             raise MmpipeError(f"airflow db migrate failed; see {logs / 'db-migrate.log'}")
     running = Airflow(f"http://127.0.0.1:{port}", env, logs)
-    for service in SERVICES:
-        with (logs / f"{service[0]}.log").open("ab") as log:
-            running.procs.append(
-                subprocess.Popen(
-                    [*airflow, *service],
-                    env=env,
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                    start_new_session=True,
+    try:
+        for service in SERVICES:
+            with (logs / f"{service[0]}.log").open("ab") as log:
+                running.procs.append(
+                    subprocess.Popen(
+                        [*airflow, *service],
+                        env=env,
+                        stdout=log,
+                        stderr=subprocess.STDOUT,
+                        start_new_session=True,
+                    )
                 )
-            )
-    deadline = time.monotonic() + timeout
-    while not _answers(f"{running.url}/api/v2/monitor/health"):
-        if time.monotonic() > deadline or any(p.poll() is not None for p in running.procs):
-            running.stop()
-            raise MmpipeError(f"the Airflow UI did not start on {running.url}; see the logs in {logs}")
-        time.sleep(1)
+        deadline = time.monotonic() + timeout
+        while not _answers(f"{running.url}/api/v2/monitor/health"):
+            if time.monotonic() > deadline or any(p.poll() is not None for p in running.procs):
+                raise MmpipeError(f"the Airflow UI did not start on {running.url}; see the logs in {logs}")
+            time.sleep(1)
+    except BaseException:  # a failed start, Ctrl-C or SIGTERM: leave no process behind
+        running.stop()
+        raise
     return running
 
 
@@ -141,6 +144,7 @@ def run(port: int = 8080) -> None:
     if embedded.is_recorded(settings.home, settings.s3_endpoint_url):
         embedded.serve(settings.home)
     print(f"starting Airflow (API server, scheduler, DAG processor) on {home / 'airflow'} ...", flush=True)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     airflow = start(home, port, dict(os.environ))
     print(
         f"\nAirflow UI: {airflow.url}\n"
@@ -149,7 +153,6 @@ def run(port: int = 8080) -> None:
         f"logs: {airflow.logs}; stop with Ctrl-C",
         flush=True,
     )
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
         while all(p.poll() is None for p in airflow.procs):
             time.sleep(1)
