@@ -121,3 +121,14 @@ def test_trainer_runs_mmpipe_as_a_numeric_non_root_user():
     (user,) = re.findall(r"^USER (\S+)$", text, re.M)
     assert re.fullmatch(r"[1-9][0-9]*(:[0-9]+)?", user)
     assert re.search(r'^ENTRYPOINT \["mmpipe"\]$', text, re.M)
+
+
+def test_cluster_init_job_runs_mmpipe_init_from_the_trainer_image_with_the_settings():
+    (job,) = yaml.safe_load_all((ROOT / "infra" / "k8s" / "init-job.yaml").read_text())
+    values = yaml.safe_load((ROOT / "infra" / "helm" / "values.yaml").read_text())
+    trainer_image = {e["name"]: e["value"] for e in values["env"]}["MMPIPE_K8S_TRAINER_IMAGE"]
+    (container,) = job["spec"]["template"]["spec"]["containers"]
+    assert container["image"] == trainer_image  # its ENTRYPOINT is mmpipe
+    assert container["args"] == ["init"] and "command" not in container
+    assert container["envFrom"] == [{"secretRef": {"name": "mmpipe-settings"}}]
+    assert job["spec"]["template"]["spec"]["restartPolicy"] == "Never"
