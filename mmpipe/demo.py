@@ -162,6 +162,7 @@ def run_demo(profile: str = "demo") -> None:
     _run([*airflow_test, "mmpipe_score"], env, log_file, "DAG mmpipe_score")
     states = {d: _dag_state(d, env) for d in ("mmpipe_ingest", "mmpipe_retrain", "mmpipe_score")}
     show_results(env, states, time.monotonic() - started, spec)
+    print("\neach run's page: `mmpipe report RUN_ID --open`; the Airflow UI with the runs: `make ui`")
     if server is not None:
         print(f"(embedded store left running at {server.endpoint}; stop it with `mmpipe store serve --stop`)")
     if any(state != "success" for state in states.values()):

@@ -63,9 +63,6 @@ class RunData:
     curves: bytes | None = None  # training curves PNG
     tasks: dict[str, Any] = field(default_factory=dict)  # Airflow task id -> state, when known
 
-    def has(self, *tables_: str) -> bool:
-        return any(self.rows.get(t) for t in tables_)
-
 
 @dataclass(frozen=True)
 class Written:
@@ -157,10 +154,8 @@ def gather(store: Store, catalog: Catalog, run_id: str) -> RunData:
 
 
 def _fetch_documents(store: Store, data: RunData) -> None:
-    """The JSON reports the run's rows name (``*report_uri`` columns), and every PNG those name."""
-    named = [
-        v for rows in data.rows.values() for row in rows for k, v in row.items() if k.endswith("report_uri")
-    ]
+    """The JSON reports the run's rows name in a ``report_uri`` column, and every PNG those name."""
+    named = [row.get("report_uri") for rows in data.rows.values() for row in rows]
     for uri in _uris(named, ".json"):
         try:
             data.documents[uri] = store.get_json(store.key_of(uri))
@@ -223,11 +218,11 @@ table{border-collapse:collapse;background:#fff;margin:4px 0 12px;font-size:13px}
 th,td{border:1px solid #d8dce3;padding:3px 8px;text-align:left;vertical-align:top}
 th{background:#eef1f5}td.num{text-align:right;font-variant-numeric:tabular-nums}
 .summary li{margin:2px 0}.ok{color:#17702f;font-weight:600}.bad{color:#b3261e;font-weight:600}
-img{max-width:100%;background:#fff;border:1px solid #d8dce3}.more{color:#5b6475;font-style:italic}
+img{max-width:100%;background:#fff;border:1px solid #d8dce3}summary{cursor:pointer;color:#1a56c4}.more{color:#5b6475;font-style:italic}
 """
 
 
-@dataclass(frozen=True)
+@dataclass
 class Page:
     """Rendering context: where the page lives (for relative links) and what it has linked."""
 
@@ -247,15 +242,39 @@ def esc(value: Any) -> str:
     return html.escape(tables.cell(value))
 
 
-def value_html(value: Any, page: Page) -> str:
-    """Any value: mappings and lists of mappings as nested tables, store URIs as links, JSON text parsed."""
+def _parsed(value: Any) -> Any:
+    """JSON text (``*_json`` columns) as the structure it holds; anything else unchanged."""
     if isinstance(value, str) and value[:1] in "[{":
         with contextlib.suppress(ValueError):
-            value = json.loads(value)
+            return json.loads(value)
+    return value
+
+
+def _grid(value: Any) -> bool:
+    """A list of equal-length lists of numbers (a confusion matrix)."""
+    return (
+        isinstance(value, list)
+        and bool(value)
+        and all(isinstance(r, list) and len(r) == len(value[0]) for r in value)
+        and all(isinstance(x, int | float) for r in value for x in r)
+    )
+
+
+def value_html(value: Any, page: Page) -> str:
+    """Any value: nested structures as tables (a mapping of mappings as one table), store URIs as links."""
+    value = _parsed(value)
+    if isinstance(value, Mapping) and value and all(isinstance(v, Mapping) for v in value.values()):
+        return table_html([{"": k, **v} for k, v in value.items()], page)
     if isinstance(value, Mapping):
         return fields_html(value, page) if value else ""
     if tables.is_table(value):
         return table_html(value, page)
+    if _grid(value):
+        return (
+            "<table>"
+            + "".join("<tr>" + "".join(_cell(x, page) for x in r) + "</tr>" for r in value)
+            + "</table>"
+        )
     if isinstance(value, list | tuple):
         return ", ".join(value_html(v, page) for v in value)
     if isinstance(value, str) and value.startswith("s3://") and (target := page.href(value)):
@@ -263,15 +282,25 @@ def value_html(value: Any, page: Page) -> str:
     return esc(value)
 
 
-def _cell(value: Any, page: Page) -> str:
+def _cell(value: Any, page: Page, fold: bool = False) -> str:
+    """One cell; with ``fold``, a nested structure stays folded until clicked, so row tables stay short."""
     numeric = isinstance(value, int | float) and not isinstance(value, bool)
-    return f'<td class="num">{esc(value)}</td>' if numeric else f"<td>{value_html(value, page)}</td>"
+    if numeric:
+        return f'<td class="num">{esc(value)}</td>'
+    inner, nested = value_html(value, page), isinstance(_parsed(value), Mapping | list | tuple)
+    return (
+        f"<td><details><summary>show</summary>{inner}</details></td>"
+        if fold and nested and inner
+        else f"<td>{inner}</td>"
+    )
 
 
 def table_html(rows: Sequence[Mapping[str, Any]], page: Page, cols: Sequence[str] | None = None) -> str:
     cols = list(cols or tables.columns(rows))
     head = "".join(f"<th>{html.escape(c)}</th>" for c in cols)
-    body = "".join("<tr>" + "".join(_cell(row.get(c), page) for c in cols) + "</tr>" for row in rows)
+    body = "".join(
+        "<tr>" + "".join(_cell(row.get(c), page, fold=True) for c in cols) + "</tr>" for row in rows
+    )
     more = f'<p class="more">first {ROW_LIMIT} rows shown</p>' if len(rows) == ROW_LIMIT else ""
     return f"<table><tr>{head}</tr>{body}</table>{more}"
 

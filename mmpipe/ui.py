@@ -15,6 +15,7 @@ import json
 import os
 import secrets
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -131,15 +132,19 @@ def _answers(url: str) -> bool:
     return True
 
 
-def _port_free(port: int) -> bool:
-    return not _answers(f"http://127.0.0.1:{port}/")
+def _port_taken(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+    except OSError:
+        return False
+    return True
 
 
 def run(port: int = 8080) -> None:
     """Start the UI in the foreground until Ctrl-C, after saying where it is and how to log in."""
     settings = get_settings()
     home = settings.home.resolve()
-    if not _port_free(port):
+    if _port_taken(port):
         raise ConfigError(f"port {port} on 127.0.0.1 is taken: choose another with `mmpipe ui --port N`")
     if embedded.is_recorded(settings.home, settings.s3_endpoint_url):
         embedded.serve(settings.home)
