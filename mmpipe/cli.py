@@ -140,7 +140,7 @@ def format_validation(summary: dict[str, Any]) -> str:
     lines = [header, "-" * len(header)]
     for r in summary["rules"]:
         share = f"{r['share']:.1%}" if r["share"] is not None else "-"
-        threshold = f"{r['threshold']:.0%}" if r["threshold"] is not None else "-"
+        threshold = f"{r['threshold']:.1%}" if r["threshold"] is not None else "-"
         lines.append(
             f"{r['rule']:<24} {r['failing']:>7} {share:>7} {threshold:>9}  {r['verdict']:<16} "
             + ", ".join(r["examples"])

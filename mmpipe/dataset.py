@@ -298,9 +298,10 @@ def _reevaluate(
     readmitted = []
     for run_id in (r["subject"].removeprefix("ingest:") for r in failed):
         if run_id != by:
-            readmitted += (_validate_run(settings, store, catalog, run_id, rules, by) or {}).get(
-                "readmitted", []
-            )
+            summary = _validate_run(settings, store, catalog, run_id, rules, by)
+            if summary:
+                _publish(store, catalog, summary)
+                readmitted += summary["readmitted"]
     excluded = catalog.query(
         _IMAGE_SQL + f"WHERE i.status = 'excluded' AND i.ingest_run_id <> :r AND {splits.VALIDATED}", r=by
     )
