@@ -144,7 +144,7 @@ def format_validation(summary: dict[str, Any]) -> str:
         lines.append(
             f"{r['rule']:<24} {r['failing']:>7} {share:>7} {threshold:>9}  {r['verdict']:<16} "
             + ", ".join(r["examples"])
-        )
+        ).rstrip()
     verdict = "passed" if summary["success"] else "FAILED"
     lines.append(
         f"run {summary['run_id']} {verdict}: {summary['images']} images, {summary['images_active']} may train, "

@@ -64,7 +64,7 @@ _ACCOUNT = sa.text(
     "WHERE run_id = :r"
 )
 _READMIT = sa.text(
-    "INSERT INTO readmissions (image_id, readmitted_by, excluded_run, reason) VALUES (:i, :by, :run, :reason) "
+    "INSERT INTO readmissions (image_id, readmitted_by, ingest_run_id, reason) VALUES (:i, :by, :run, :reason) "
     "ON CONFLICT (image_id, readmitted_by) DO NOTHING"
 )
 
@@ -156,14 +156,14 @@ def _judge(
             changed.append({"image_id": image["image_id"], "status": status, "reason": why})
         if image["status"] == "excluded" and status == "active":
             readmitted.append(
-                {"image_id": image["image_id"], "excluded_run": image["ingest_run_id"],
+                {"image_id": image["image_id"], "ingest_run_id": image["ingest_run_id"],
                  "reason": image["status_reason"] or "", "key": _key(image)}
             )  # fmt: skip
     if changed:
         conn.execute(_JUDGE, changed)
     if readmitted:
         rows = [
-            {"i": r["image_id"], "by": by, "run": r["excluded_run"], "reason": r["reason"]}
+            {"i": r["image_id"], "by": by, "run": r["ingest_run_id"], "reason": r["reason"]}
             for r in readmitted
         ]
         conn.execute(_READMIT, rows)
@@ -541,7 +541,7 @@ def lineage(store: Store, catalog: Catalog, dataset_version: str) -> dict[str, A
         )  # fmt: skip
         source["images"] += 1
     readmissions = catalog.query_in(
-        "SELECT image_id, readmitted_by, excluded_run, reason, created_at FROM readmissions WHERE image_id IN ({in})",
+        "SELECT image_id, readmitted_by, ingest_run_id, reason, created_at FROM readmissions WHERE image_id IN ({in})",
         sorted(used),
     )
     return {

@@ -18,7 +18,7 @@ ALTER TABLE ingest_runs ADD COLUMN images_excluded INTEGER;
 CREATE TABLE readmissions (
     image_id        TEXT NOT NULL,
     readmitted_by   TEXT NOT NULL,             -- the ingest run whose validation re-evaluated it
-    excluded_run    TEXT NOT NULL,             -- the image's ingest run
+    ingest_run_id   TEXT NOT NULL,             -- the image's ingest run (a relabelled image moves to the run that re-read it)
     reason          TEXT NOT NULL,             -- why it had been excluded
     created_at      TIMESTAMP NOT NULL DEFAULT CURRENT_TIMESTAMP,
     PRIMARY KEY (image_id, readmitted_by)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import json
+from collections import Counter
 
 import pydicom
 import pytest
@@ -167,7 +168,7 @@ def test_a_failed_batch_returns_when_its_threshold_is_relaxed_and_lineage_record
     seed_run(catalog, "ingest__two", {})
     result = dataset.validate_ingest(relaxed, store, catalog, "ingest__two")
 
-    assert {r["excluded_run"] for r in result["readmitted"]} == {"ingest__one"} and len(
+    assert {r["ingest_run_id"] for r in result["readmitted"]} == {"ingest__one"} and len(
         result["readmitted"]
     ) == 95
     assert {r["reason"] for r in result["readmitted"]} == {"batch_failed"}
@@ -175,7 +176,7 @@ def test_a_failed_batch_returns_when_its_threshold_is_relaxed_and_lineage_record
     assert {i for i, (s, _) in status.items() if s == "excluded"} == set(bad)
     assert {why for s, why in status.values() if s == "excluded"} == {"not_blank"}
     assert accounting(catalog, "ingest__one") == (95, 5)
-    recorded = catalog.query("SELECT image_id, readmitted_by, excluded_run, reason FROM readmissions")
+    recorded = catalog.query("SELECT image_id, readmitted_by, ingest_run_id, reason FROM readmissions")
     assert len(recorded) == 95 and {r["readmitted_by"] for r in recorded} == {"ingest__two"}
     # the failed run's own report now says it passed
     one = store.get_json(store.key_of(catalog.scalar(
@@ -301,14 +302,43 @@ def test_copies_that_disagree_are_all_excluded_until_a_manifest_resolves_them(en
     fixed = image_of(catalog, f"training/{relabelled.key}")
     assert fixed["status"] == "active" and fixed["status_reason"] is None
     assert result["readmitted"] == [
-        {"image_id": fixed["image_id"], "excluded_run": "ingest__one", "reason": "duplicate_conflict",
+        {"image_id": fixed["image_id"], "ingest_run_id": "ingest__one", "reason": "duplicate_conflict",
          "key": f"training/{relabelled.key}"},
     ]  # fmt: skip
-    (row,) = catalog.query("SELECT readmitted_by, excluded_run, reason FROM readmissions")
+    (row,) = catalog.query("SELECT readmitted_by, ingest_run_id, reason FROM readmissions")
     assert row == {
         "readmitted_by": "ingest__three",
-        "excluded_run": "ingest__one",
+        "ingest_run_id": "ingest__one",
         "reason": "duplicate_conflict",
     }
     assert image_of(catalog, f"training/{reassigned.key}")["status_reason"] == "duplicate_conflict"
     assert accounting(catalog, "ingest__one") == (9, 1)
+
+
+def test_a_manifest_fix_readmits_an_excluded_image_and_its_failed_batch(env):
+    """A study filed under a class training does not know fails label_in_classes; 1 in 13 images fails
+    the batch. A manifest gives it a known class: the next ingest re-reads it, and its validation
+    re-admits the image and the batch it had failed."""
+    settings, store, catalog = env
+    upload(store, dicoms(12, seed=1))
+    knee = dicoms(1, seed=9)[0]
+    store.put("training/knee_mri/KNEE-1/0001.dcm", knee.body)
+    wider = settings.model_copy(update={"classes": (*CLASSES, "knee_mri")})  # labelled under a wider list
+    ingest.run(wider, store, catalog, "ingest__one")
+    with pytest.raises(dataset.ValidationFailed, match="label_in_classes"):
+        dataset.validate_ingest(settings, store, catalog, "ingest__one")
+    assert image_of(catalog, "training/knee_mri/KNEE-1/0001.dcm")["status_reason"] == "label_in_classes"
+
+    store.put("training/knee_mri/labels.csv", f"path,label\nKNEE-1/0001.dcm,{knee.label}\n".encode())
+    report = ingest.run(settings, store, catalog, "ingest__two")
+    assert report["images"] == 1  # the relabelled study, re-read
+    result = dataset.validate_ingest(settings, store, catalog, "ingest__two")
+
+    fixed = image_of(catalog, "training/knee_mri/KNEE-1/0001.dcm")
+    assert (fixed["status"], fixed["label"], fixed["ingest_run_id"]) == ("active", knee.label, "ingest__two")
+    reasons = Counter(r["reason"] for r in result["readmitted"])
+    assert reasons == {"label_in_classes": 1, "batch_failed": 12}
+    assert {s for s, _ in statuses(catalog, "ingest__one").values()} == {"active"}
+    assert accounting(catalog, "ingest__one") == (12, 0) and accounting(catalog, "ingest__two") == (1, 0)
+    assert catalog.scalar("SELECT count(*) FROM readmissions WHERE readmitted_by = 'ingest__two'") == 13
+    assert catalog.scalar("SELECT success FROM validations WHERE subject = 'ingest:ingest__one'")
