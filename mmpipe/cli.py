@@ -124,7 +124,7 @@ def cmd_validate(args: argparse.Namespace) -> None:
         summary, failure = pipeline.validate_ingest(args.run_id), None
     except ValidationFailed as exc:
         summary, failure = exc.summary, exc
-    if args.json:
+    if getattr(args, "json", False):
         _print(summary)
     else:
         print(format_validation(summary))
@@ -277,7 +277,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     val = sub.add_parser("validate", help="run the GX batch suite over an ingest run")
     val.add_argument("--run-id", required=True)
-    val.add_argument("--json", action="store_true", help="the whole validation summary as JSON")
+    # SUPPRESS: a global --json (if the parser has one) is not reset by this subcommand's default
+    val.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="the summary as JSON")
     val.set_defaults(fn=cmd_validate)
 
     ds = sub.add_parser("dataset", help="splits, frozen test snapshots and training plans")
