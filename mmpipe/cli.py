@@ -117,12 +117,11 @@ def cmd_ingest(args: argparse.Namespace) -> None:
 
 def cmd_validate(args: argparse.Namespace) -> None:
     """Validate an ingest run and show each rule's verdict; a failed batch still prints, then exits 2."""
-    from mmpipe import pipeline
-    from mmpipe.dataset import ValidationFailed
+    from mmpipe import dataset, pipeline
 
     try:
-        summary, failure = pipeline.validate_ingest(args.run_id), None
-    except ValidationFailed as exc:
+        summary, failure = dataset.validate_ingest(*pipeline.connect(), args.run_id), None
+    except dataset.ValidationFailed as exc:
         summary, failure = exc.summary, exc
     if getattr(args, "json", False):
         _print(summary)

@@ -264,11 +264,16 @@ def _validate_run(
             {"image_id": i, "why": why, "keys": [keys[i], *copy_keys[i]]}
             for i, why in sorted(conflicts.items())
         ],
-        "excluded_image_ids": [i["image_id"] for i in images if reasons[i["image_id"]]],
         "class_counts": dict(Counter(i["label"] for i in images)),
         "readmitted": readmitted,
     }
     return summary
+
+
+def small(summary: dict[str, Any]) -> dict[str, Any]:
+    """The summary with its per-image lists counted (they stay in the report at ``report_uri``): what
+    an Airflow task returns, as XCom carries small JSON."""
+    return {k: len(v) if k in ("readmitted", "duplicate_conflicts") else v for k, v in summary.items()}
 
 
 def _publish(store: Store, catalog: Catalog, summary: dict[str, Any]) -> None:

@@ -287,6 +287,7 @@ def test_copies_that_disagree_are_all_excluded_until_a_manifest_resolves_them(en
     assert by_key[f"training/{relabelled.key}"]["keys"][1] == f"training/{other}/RESENT/0001.dcm"
     assert "labels differ" in by_key[f"training/{relabelled.key}"]["why"]
     assert by_key[f"training/{reassigned.key}"]["why"] == "2 patients"
+    assert dataset.small(result)["duplicate_conflicts"] == 2  # what the DAG task returns: counts, not lists
     for obj in (relabelled, reassigned):
         assert image_of(catalog, f"training/{obj.key}")["status_reason"] == "duplicate_conflict"
     assert statuses(catalog, "ingest__two") and {s for s, _ in statuses(catalog, "ingest__two").values()} == {
