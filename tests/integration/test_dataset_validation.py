@@ -247,10 +247,10 @@ def test_exact_duplicates_are_recorded_and_harmless(env):
     assert result["success"] and result["images_excluded"] == 0 and result["duplicate_conflicts"] == []
     (copy,) = catalog.query("SELECT * FROM duplicates")
     (image,) = catalog.query("SELECT * FROM images WHERE image_id = :i", i=copy["duplicate_of"])
-    assert {image["source_key"], copy["source_key"]} == {
-        f"training/{original.key}",
-        j2k_key,
-    }  # one pixel copy
+    assert {image["source_key"], copy["source_key"]} == {f"training/{original.key}", j2k_key}  # stored once
+    header = pydicom.dcmread(io.BytesIO(original.body), stop_before_pixels=True)
+    assert (image["bits_stored"], image["bits_allocated"]) == (header.BitsStored, header.BitsAllocated)
+    assert not image["float_pixels"]
     assert {r["rule"]: r["verdict"] for r in result["rules"]}["duplicate_conflict"] == "pass"
 
     # the same object re-sent under a new key in a later batch, next to new studies
