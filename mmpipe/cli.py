@@ -140,10 +140,8 @@ def format_validation(summary: dict[str, Any]) -> str:
     for r in summary["rules"]:
         share = f"{r['share']:.1%}" if r["share"] is not None else "-"
         threshold = f"{r['threshold']:.1%}" if r["threshold"] is not None else "-"
-        lines.append(
-            f"{r['rule']:<24} {r['failing']:>7} {share:>7} {threshold:>9}  {r['verdict']:<16} "
-            + ", ".join(r["examples"])
-        ).rstrip()
+        row = f"{r['rule']:<24} {r['failing']:>7} {share:>7} {threshold:>9}  {r['verdict']:<16} "
+        lines.append((row + ", ".join(r["examples"])).rstrip())
     verdict = "passed" if summary["success"] else "FAILED"
     lines.append(
         f"run {summary['run_id']} {verdict}: {summary['images']} images, {summary['images_active']} may train, "
