@@ -70,6 +70,7 @@ _READMIT = sa.text(
 
 
 def batch_rules(settings: Settings) -> BatchRules:
+    """The batch rules from ``MMPIPE_VALIDATION_*`` and the classes; a bad setting is a one-line error."""
     try:
         return BatchRules(
             classes=settings.classes,
@@ -89,6 +90,7 @@ def run_images(catalog: Catalog, run_id: str) -> list[dict[str, Any]]:
 
 
 def batch_rows(images: list[dict[str, Any]]) -> pd.DataFrame:
+    """The batch suite's frame; ``float_pixels`` is a boolean whether the database stores 0/1 or not."""
     frame = pd.DataFrame(images, columns=list(BATCH_COLUMNS))
     frame["float_pixels"] = frame["float_pixels"].fillna(False).astype(bool)
     return frame
