@@ -359,3 +359,14 @@ def test_rules_and_arguments_are_checked():
         validate_dataset(dataset().drop(columns=["split"]), CLASSES)
     with pytest.raises(TypeError, match="DataFrame"):
         validate_dataset(dataset().to_dict("records"), CLASSES)
+
+
+def test_validation_settings_become_rules_and_a_bad_one_names_the_fix():
+    from mmpipe.config import get_settings
+    from mmpipe.dataset import batch_rules
+    from mmpipe.errors import ConfigError
+
+    rules = batch_rules(get_settings(validation_mostly=0.95, validation_rule_mostly={"not_blank": 0.9}))
+    assert (rules.threshold("not_blank"), rules.threshold("label_in_classes")) == (0.9, 0.95)
+    with pytest.raises(ConfigError, match="MMPIPE_VALIDATION_.*no per-image rule named bits_stored_allowed"):
+        batch_rules(get_settings(validation_rule_mostly={"bits_stored_allowed": 0.9}))
