@@ -368,5 +368,5 @@ def test_validation_settings_become_rules_and_a_bad_one_names_the_fix():
 
     rules = batch_rules(get_settings(validation_mostly=0.95, validation_rule_mostly={"not_blank": 0.9}))
     assert (rules.threshold("not_blank"), rules.threshold("label_in_classes")) == (0.9, 0.95)
-    with pytest.raises(ConfigError, match="MMPIPE_VALIDATION_.*no per-image rule named bits_stored_allowed"):
+    with pytest.raises(ConfigError, match=r"MMPIPE_VALIDATION_.*no per-image rule named bits_stored_allowed"):
         batch_rules(get_settings(validation_rule_mostly={"bits_stored_allowed": 0.9}))
