@@ -116,9 +116,39 @@ def cmd_ingest(args: argparse.Namespace) -> None:
 
 
 def cmd_validate(args: argparse.Namespace) -> None:
-    from mmpipe import pipeline
+    """Validate an ingest run and show each rule's verdict; a failed batch still prints, then exits 2."""
+    from mmpipe import dataset, pipeline
 
-    _print(pipeline.validate_ingest(args.run_id))
+    try:
+        summary, failure = dataset.validate_ingest(*pipeline.connect(), args.run_id), None
+    except dataset.ValidationFailed as exc:
+        summary, failure = exc.summary, exc
+    if getattr(args, "json", False):
+        _print(summary)
+    else:
+        print(format_validation(summary))
+    if failure:
+        raise failure
+
+
+def format_validation(summary: dict[str, Any]) -> str:
+    """The rule table of a validation summary: what failed, how much, against which threshold."""
+    if not summary.get("images"):
+        return f"run {summary['run_id']}: no images to validate ({len(summary.get('readmitted', []))} re-admitted)"
+    header = f"{'rule':<24} {'failing':>7} {'share':>7} {'threshold':>9}  {'verdict':<16} examples"
+    lines = [header, "-" * len(header)]
+    for r in summary["rules"]:
+        share = f"{r['share']:.1%}" if r["share"] is not None else "-"
+        threshold = f"{r['threshold']:.1%}" if r["threshold"] is not None else "-"
+        row = f"{r['rule']:<24} {r['failing']:>7} {share:>7} {threshold:>9}  {r['verdict']:<16} "
+        lines.append((row + ", ".join(r["examples"])).rstrip())
+    verdict = "passed" if summary["success"] else "FAILED"
+    lines.append(
+        f"run {summary['run_id']} {verdict}: {summary['images']} images, {summary['images_active']} may train, "
+        f"{summary['images_excluded']} excluded, {len(summary['readmitted'])} earlier exclusions re-admitted"
+    )
+    lines.append(f"Data Docs: {summary['docs_uri']}")
+    return "\n".join(lines)
 
 
 def cmd_dataset(args: argparse.Namespace) -> None:
@@ -244,6 +274,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     val = sub.add_parser("validate", help="run the GX batch suite over an ingest run")
     val.add_argument("--run-id", required=True)
+    # SUPPRESS: a global --json (if the parser has one) is not reset by this subcommand's default
+    val.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="the summary as JSON")
     val.set_defaults(fn=cmd_validate)
 
     ds = sub.add_parser("dataset", help="splits, frozen test snapshots and training plans")
