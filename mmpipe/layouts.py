@@ -134,14 +134,9 @@ def _torchvision_mobilenetv2(
         return split if split and split[1].startswith("conv.") else None
 
     def names(number: int | None, rest: str) -> str:
-        table = (
-            _TV_MOBILENET_TOP
-            if number is None
-            else _TV_MOBILENET_FIRST
-            if number == 0
-            else _TV_MOBILENET_BLOCK
-        )
-        return _replace_module(rest, table)
+        if number is None:
+            return _replace_module(rest, _TV_MOBILENET_TOP)
+        return _replace_module(rest, _TV_MOBILENET_FIRST if number == 0 else _TV_MOBILENET_BLOCK)
 
     return _rename_blocks(state, target, block_of, names)
 
@@ -176,14 +171,15 @@ def _efficientnet_pytorch(
     }
 
     def names(number: int | None, rest: str) -> str:
-        table = _EFFNET_TOP if number is None else _EFFNET_EXPANDED if number in expanded else _EFFNET_PLAIN
-        return _replace_module(rest, table)
+        if number is None:
+            return _replace_module(rest, _EFFNET_TOP)
+        return _replace_module(rest, _EFFNET_EXPANDED if number in expanded else _EFFNET_PLAIN)
 
     return _rename_blocks(state, target, lambda key: _numbered("_blocks", key), names)
 
 
-# Layouts each backbone accepts besides NATIVE, which detection tries first. For resnet18 torchvision's
-# names are timm's, and new-style densenet files differ from timm's only in what the layout fixes.
+# Layouts each backbone accepts besides NATIVE, which detection tries first. torchvision's resnet18 names
+# are timm's, as are its densenet121 names since a rename its hosted file predates (the layout undoes it).
 LAYOUTS: dict[str, dict[str, Converter]] = {
     "resnet18": {TORCHVISION: _same},
     "vgg16": {TORCHVISION: _torchvision_vgg},

@@ -182,11 +182,11 @@ def weight_mismatches(model: nn.Module, weights: Mapping[str, torch.Tensor]) -> 
 
 def describe_mismatches(mismatches: Mapping[str, list[str]]) -> str:
     """One line naming the first few mismatches of each kind."""
-    return "; ".join(
-        f"{len(keys)} {kind}: {', '.join(keys[:_SHOWN_MISMATCHES])}{', ...' if len(keys) > _SHOWN_MISMATCHES else ''}"
-        for kind, keys in mismatches.items()
-        if keys
-    )
+
+    def first(keys: list[str]) -> str:
+        return ", ".join(keys[:_SHOWN_MISMATCHES]) + (", ..." if len(keys) > _SHOWN_MISMATCHES else "")
+
+    return "; ".join(f"{len(keys)} {kind}: {first(keys)}" for kind, keys in mismatches.items() if keys)
 
 
 def load_backbone_weights(model: nn.Module, weights: Mapping[str, torch.Tensor], name: str) -> None:
