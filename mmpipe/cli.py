@@ -293,7 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
     imp = wt.add_parser("import", help="verify (strictly) and register a local or packaged weights file")
     imp.add_argument("backbone")
     source = imp.add_mutually_exclusive_group(required=True)
-    source.add_argument("file", nargs="?", help=".safetensors or .pth/.pt state dict")
+    source.add_argument("file", nargs="?", help=".safetensors or .pth/.pt/.bin state dict")
     source.add_argument("--from-package", action="store_true", help="the file an installed package ships")
     imp.add_argument(
         "--layout", help="key layout of FILE: native, torchvision or efficientnet_pytorch (default: detected)"

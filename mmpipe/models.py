@@ -336,14 +336,15 @@ def _as_state_dict(raw: object, path: Path) -> dict[str, torch.Tensor]:
 
 
 def load_weights_file(path: Path) -> dict[str, torch.Tensor]:
-    """Read a ``.safetensors`` or ``.pth``/``.pt`` state dict onto the CPU; pickled objects are refused."""
+    """Read a ``.safetensors`` or ``.pth``/``.pt``/``.bin`` (torch-saved, as on model hubs) state dict onto
+    the CPU; pickled objects are refused."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"weights file not found: {path}")
     suffix = path.suffix.lower()
-    if suffix not in (".safetensors", ".pth", ".pt"):
+    if suffix not in (".safetensors", ".pth", ".pt", ".bin"):
         raise ConfigError(
-            f"weights file {path} must be .safetensors, .pth or .pt, not {suffix or 'no suffix'}"
+            f"weights file {path} must be .safetensors, .pth, .pt or .bin, not {suffix or 'no suffix'}"
         )
     try:
         if suffix == ".safetensors":

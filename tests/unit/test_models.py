@@ -169,9 +169,12 @@ def test_pth_checkpoint_is_unwrapped_to_the_same_weights(resnet18_file, tmp_path
     weights = load_weights_file(resnet18_file)
     pth = tmp_path / "ddp_checkpoint.pth"
     torch.save({"epoch": 7, "state_dict": {f"module.{k}": v for k, v in weights.items()}}, pth)
-    from_pth = load_weights_file(pth)
-    assert from_pth.keys() == weights.keys()
-    assert weights_fingerprint(from_pth) == weights_fingerprint(weights)
+    hub = tmp_path / "pytorch_model.bin"  # a model hub's name for a torch-saved state dict
+    torch.save(weights, hub)
+    for path in (pth, hub):
+        from_file = load_weights_file(path)
+        assert from_file.keys() == weights.keys()
+        assert weights_fingerprint(from_file) == weights_fingerprint(weights)
 
 
 def test_unreadable_weights_files_raise_config_error(tmp_path) -> None:
