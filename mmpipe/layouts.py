@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -73,109 +74,88 @@ def _replace_module(key: str, names: Mapping[str, str]) -> str:
     return key
 
 
-def _rename_blocks(
-    state: Mapping[str, torch.Tensor],
-    target: Sequence[str],
-    block_of: Callable[[str], tuple[int, str] | None],
-    names: Callable[[int | None, str], str],
-) -> dict[str, torch.Tensor]:
-    """Renames flat-numbered blocks into timm's ``blocks.<stage>.<index>`` slots, in forward order.
+@dataclass(frozen=True)
+class _FlatBlocks:
+    """A layout numbering the MobileNet/EfficientNet blocks flat, ``<prefix>.<n>.<module>``, where timm
+    has ``blocks.<stage>.<index>``: the n-th block is the n-th of timm's slots in forward order."""
 
-    ``block_of`` splits a key into (flat block number, rest) or gives None outside the blocks;
-    ``names(number, rest)`` renames the rest within a block, or a key outside them (number None).
-    """
-    found = {tuple(int(part) for part in key.split(".")[1:3]) for key in target if key.startswith("blocks.")}
-    slots = [f"blocks.{stage}.{index}" for stage, index in sorted(found)]
-    out = {}
-    for key, value in state.items():
-        split = block_of(key)
-        if split is None:
-            out[names(None, key)] = value
-        else:
-            number, rest = split
+    prefix: str
+    first: int  # the number of the first block
+    top: Mapping[str, str]  # modules outside the blocks
+    plain: Mapping[str, str]  # a block without expansion conv: depthwise conv, BN, projection, BN
+    expanded: Mapping[str, str]  # a block with one
+    marker: str  # a module only an expanded block has
+
+    def _split(self, key: str) -> tuple[int, str] | None:
+        """(block number, module path) of a key inside a block; None for other keys."""
+        head, _, tail = key.partition(f"{self.prefix}.")
+        number, _, rest = tail.partition(".")
+        modules = (*self.plain, *self.expanded)
+        if head or not number.isdigit() or not any(rest.startswith(f"{m}.") for m in modules):
+            return None
+        return int(number) - self.first, rest
+
+    def __call__(self, state: Mapping[str, torch.Tensor], target: Sequence[str]) -> dict[str, torch.Tensor]:
+        found = {tuple(int(p) for p in key.split(".")[1:3]) for key in target if key.startswith("blocks.")}
+        slots = [f"blocks.{stage}.{index}" for stage, index in sorted(found)]
+        inside = {key: split for key in state if (split := self._split(key))}
+        expanded = {number for number, rest in inside.values() if rest.startswith(f"{self.marker}.")}
+        out = {}
+        for key, value in state.items():
+            if key not in inside:
+                out[_replace_module(key, self.top)] = value
+                continue
+            number, rest = inside[key]
             slot = slots[number] if number < len(slots) else f"blocks.beyond_the_model.{number}"
-            out[f"{slot}.{names(number, rest)}"] = value
-    return out
+            module = _replace_module(rest, self.expanded if number in expanded else self.plain)
+            out[f"{slot}.{module}"] = value
+        return out
 
 
-def _numbered(prefix: str, key: str, offset: int = 0) -> tuple[int, str] | None:
-    """(block number, rest) of ``<prefix>.<n>.<rest>``, numbering from ``offset``; None for other keys."""
-    head, _, tail = key.partition(f"{prefix}.")
-    number, _, rest = tail.partition(".")
-    return (int(number) - offset, rest) if not head and number.isdigit() and rest else None
-
-
-_TV_MOBILENET_TOP = {
-    "features.0.0": "conv_stem",
-    "features.0.1": "bn1",
-    "features.18.0": "conv_head",
-    "features.18.1": "bn2",
-    "classifier.1": "classifier",
-}
-# The first block has no expansion: depthwise conv, BN, projection, BN.
-_TV_MOBILENET_FIRST = {"conv.0.0": "conv_dw", "conv.0.1": "bn1", "conv.1": "conv_pw", "conv.2": "bn2"}
-_TV_MOBILENET_BLOCK = {
-    "conv.0.0": "conv_pw",
-    "conv.0.1": "bn1",
-    "conv.1.0": "conv_dw",
-    "conv.1.1": "bn2",
-    "conv.2": "conv_pwl",
-    "conv.3": "bn3",
-}
-
-
-def _torchvision_mobilenetv2(
-    state: Mapping[str, torch.Tensor], target: Sequence[str]
-) -> dict[str, torch.Tensor]:
-    """features.0 is the stem, features.1-17 the inverted-residual blocks, features.18 the head conv."""
-
-    def block_of(key: str) -> tuple[int, str] | None:
-        split = _numbered("features", key, offset=1)
-        return split if split and split[1].startswith("conv.") else None
-
-    def names(number: int | None, rest: str) -> str:
-        if number is None:
-            return _replace_module(rest, _TV_MOBILENET_TOP)
-        return _replace_module(rest, _TV_MOBILENET_FIRST if number == 0 else _TV_MOBILENET_BLOCK)
-
-    return _rename_blocks(state, target, block_of, names)
-
-
-_EFFNET_TOP = {
-    "_conv_stem": "conv_stem",
-    "_bn0": "bn1",
-    "_conv_head": "conv_head",
-    "_bn1": "bn2",
-    "_fc": "classifier",
-}
-# A block without an expansion conv (the first) has depthwise conv, BN, projection, BN; timm numbers BNs from 1.
-_EFFNET_PLAIN = {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw", "_bn2": "bn2"}
-_EFFNET_EXPANDED = {
-    "_expand_conv": "conv_pw",
-    "_bn0": "bn1",
-    "_depthwise_conv": "conv_dw",
-    "_bn1": "bn2",
-    "_project_conv": "conv_pwl",
-    "_bn2": "bn3",
-}
-
-
-def _efficientnet_pytorch(
-    state: Mapping[str, torch.Tensor], target: Sequence[str]
-) -> dict[str, torch.Tensor]:
-    """EfficientNet-PyTorch numbers its MBConv blocks flat (``_blocks.<n>``) and prefixes names with ``_``."""
-    expanded = {
-        split[0]
-        for key in state
-        if (split := _numbered("_blocks", key)) and split[1].startswith("_expand_conv.")
-    }
-
-    def names(number: int | None, rest: str) -> str:
-        if number is None:
-            return _replace_module(rest, _EFFNET_TOP)
-        return _replace_module(rest, _EFFNET_EXPANDED if number in expanded else _EFFNET_PLAIN)
-
-    return _rename_blocks(state, target, lambda key: _numbered("_blocks", key), names)
+# torchvision's features.0 is the stem, features.1-17 the blocks, features.18 the head conv.
+_TORCHVISION_MOBILENETV2 = _FlatBlocks(
+    prefix="features",
+    first=1,
+    top={
+        "features.0.0": "conv_stem",
+        "features.0.1": "bn1",
+        "features.18.0": "conv_head",
+        "features.18.1": "bn2",
+        "classifier.1": "classifier",
+    },
+    plain={"conv.0.0": "conv_dw", "conv.0.1": "bn1", "conv.1": "conv_pw", "conv.2": "bn2"},
+    expanded={
+        "conv.0.0": "conv_pw",
+        "conv.0.1": "bn1",
+        "conv.1.0": "conv_dw",
+        "conv.1.1": "bn2",
+        "conv.2": "conv_pwl",
+        "conv.3": "bn3",
+    },
+    marker="conv.3",
+)
+# EfficientNet-PyTorch prefixes its names with "_"; timm numbers a block's BNs from 1.
+_EFFICIENTNET_PYTORCH = _FlatBlocks(
+    prefix="_blocks",
+    first=0,
+    top={
+        "_conv_stem": "conv_stem",
+        "_bn0": "bn1",
+        "_conv_head": "conv_head",
+        "_bn1": "bn2",
+        "_fc": "classifier",
+    },
+    plain={"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw", "_bn2": "bn2"},
+    expanded={
+        "_expand_conv": "conv_pw",
+        "_bn0": "bn1",
+        "_depthwise_conv": "conv_dw",
+        "_bn1": "bn2",
+        "_project_conv": "conv_pwl",
+        "_bn2": "bn3",
+    },
+    marker="_expand_conv",
+)
 
 
 # Layouts each backbone accepts besides NATIVE, which detection tries first. torchvision's resnet18 names
@@ -184,10 +164,10 @@ LAYOUTS: dict[str, dict[str, Converter]] = {
     "resnet18": {TORCHVISION: _same},
     "vgg16": {TORCHVISION: _torchvision_vgg},
     "googlenet": {TORCHVISION: _without("aux1.", "aux2.")},
-    "mobilenetv2": {TORCHVISION: _torchvision_mobilenetv2},
+    "mobilenetv2": {TORCHVISION: _TORCHVISION_MOBILENETV2},
     "inceptionv3": {TORCHVISION: _without("AuxLogits.")},
     "densenet121": {TORCHVISION: _torchvision_densenet},
-    "efficientnet_lite0": {EFFICIENTNET_PYTORCH: _efficientnet_pytorch},
+    "efficientnet_lite0": {EFFICIENTNET_PYTORCH: _EFFICIENTNET_PYTORCH},
 }
 
 
