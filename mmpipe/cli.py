@@ -193,13 +193,19 @@ def cmd_score(args: argparse.Namespace) -> None:
 
 def cmd_weights(args: argparse.Namespace) -> None:
     from mmpipe import models, pipeline, weights
+    from mmpipe.errors import ConfigError
 
     if args.action == "export-reference":
         models.export_reference_weights(args.backbone, Path(args.file))
         print(f"wrote seeded random-init reference weights for {args.backbone} to {args.file}")
         return
+    if args.from_package and args.layout:
+        raise ConfigError("--layout applies to a FILE; --from-package knows its package's layout")
     _, store, _ = pipeline.connect()
-    _print(weights.import_weights(store, args.backbone, Path(args.file)))
+    if args.from_package:
+        _print(weights.import_packaged(store, args.backbone))
+    else:
+        _print(weights.import_weights(store, args.backbone, Path(args.file), layout=args.layout))
 
 
 def cmd_leaderboard(args: argparse.Namespace) -> None:
@@ -316,14 +322,21 @@ def build_parser() -> argparse.ArgumentParser:
     wt = sub.add_parser("weights", help="the pretrained-weights registry").add_subparsers(
         dest="action", required=True
     )
-    for action, text in (
-        ("import", "verify and register a local weights file"),
-        ("export-reference", "write seeded random-init weights (to exercise the import path)"),
-    ):
-        p = wt.add_parser(action, help=text)
-        p.add_argument("backbone")
-        p.add_argument("file")
-        p.set_defaults(fn=cmd_weights)
+    imp = wt.add_parser("import", help="verify (strictly) and register a local or packaged weights file")
+    imp.add_argument("backbone")
+    source = imp.add_mutually_exclusive_group(required=True)
+    source.add_argument("file", nargs="?", help=".safetensors or .pth/.pt/.bin state dict")
+    source.add_argument("--from-package", action="store_true", help="the file an installed package ships")
+    imp.add_argument(
+        "--layout", help="key layout of FILE: native, torchvision or efficientnet_pytorch (default: detected)"
+    )
+    imp.set_defaults(fn=cmd_weights)
+    ref = wt.add_parser(
+        "export-reference", help="write seeded random-init weights (to exercise the import path)"
+    )
+    ref.add_argument("backbone")
+    ref.add_argument("file")
+    ref.set_defaults(fn=cmd_weights, from_package=False, layout=None)
 
     lb = sub.add_parser("leaderboard", help="evaluations, newest first")
     lb.add_argument("--limit", type=int, default=20)
