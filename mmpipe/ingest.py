@@ -466,6 +466,7 @@ def record_outcomes(
             duplicates.append(_duplicate(fresh.pop(image_id), image_id))
             stored[image_id] = label
         retired, inherited = _retire_or_inherit(conn, batch_keys, set(fresh))
+        _keep_exclusions(conn, fresh)
         catalog.upsert("images", list(fresh.values()), ["image_id"], conn)
         member_key = ["source_key", "source_etag", "member_path"]
         catalog.upsert("duplicates", [d | {"run_id": run_id} for d in duplicates], member_key, conn)
@@ -499,6 +500,14 @@ def record_outcomes(
             result["identifier_keys"],
         )
     return result
+
+
+def _keep_exclusions(conn: Connection, fresh: dict[str, dict[str, Any]]) -> None:
+    """A stored image produced again (its object relabelled) stays excluded with its reason until the
+    validation of this run judges it again: what passes then is recorded as a re-admission."""
+    excluded = "SELECT image_id, status_reason FROM images WHERE status = 'excluded' AND image_id IN ({in})"
+    for row in select_in(conn, excluded, list(fresh)):
+        fresh[row["image_id"]] |= {"status": "excluded", "status_reason": row["status_reason"]}
 
 
 def _forget_stale_quarantine(
