@@ -184,3 +184,17 @@ def test_a_failed_run_still_gets_its_page_and_stays_failed(airflow_db, ready, pg
     assert states["list_unscored"] == "failed" and states["report"] == "failed"
     page = store.get(report.page_key(run.run_id)).decode()
     assert "Airflow tasks not done: list_unscored, score_batch, summary." in page
+
+
+def test_every_dag_ends_in_its_report_task():
+    """Every DAG run writes its page: the report task is each DAG's only leaf, after everything else."""
+    from airflow.dag_processing.dagbag import DagBag
+    from mmpipe_airflow.reports import RunReportOperator
+
+    bag = DagBag(dag_folder=str(DAGS))
+    assert bag.import_errors == {} and bag.dags
+    for dag in bag.dags.values():
+        (leaf,) = dag.leaves
+        assert isinstance(leaf, RunReportOperator), dag.dag_id
+        assert leaf.trigger_rule == "all_done" and leaf.retries == 0
+        assert leaf.get_flat_relative_ids(upstream=True) == set(dag.task_ids) - {leaf.task_id}
