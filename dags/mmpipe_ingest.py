@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from airflow.sdk import dag, task
 from mmpipe_airflow.dag_defaults import CURATED, batch_params, dag_defaults
+from mmpipe_airflow.reports import report_task
 
 
 @dag(
@@ -65,6 +66,7 @@ def mmpipe_ingest():
     report = finish(listing, results)
     validate(report)
     report >> sweep()
+    report_task()
 
 
 mmpipe_ingest()

@@ -21,7 +21,8 @@ from __future__ import annotations
 
 from airflow.sdk import Param, dag, task
 from airflow.sdk.exceptions import AirflowSkipException
-from mmpipe_airflow.dag_defaults import CHAMPION, dag_defaults
+from mmpipe_airflow.dag_defaults import CHAMPION, dag_defaults, retrain_schedule
+from mmpipe_airflow.reports import report_task
 from mmpipe_airflow.training import training_operator
 
 from mmpipe.config import get_settings
@@ -41,7 +42,7 @@ settings = get_settings()  # typed env only: no DB or network at parse time
 
 @dag(
     dag_id="mmpipe_retrain",
-    schedule="0 2 * * *",
+    schedule=retrain_schedule(settings),
     **dag_defaults(__doc__, "training", retries=1, retry_minutes=5),
     params={
         "backbones": Param(["resnet18", "mobilenetv2", "efficientnet_b0"], type="array",
@@ -118,6 +119,7 @@ def mmpipe_retrain():
     trained = training_operator(settings, task_id="train").expand_kwargs(candidates(prepared))
     evaluations = evaluate.partial(prepared=prepared).expand(trained=trained.output)
     evaluate_champion(prepared) >> promote(evaluations, prepared)
+    report_task()
 
 
 mmpipe_retrain()

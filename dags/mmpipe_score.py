@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from airflow.sdk import AssetOrTimeSchedule, CronTriggerTimetable, dag, task
 from mmpipe_airflow.dag_defaults import CHAMPION, batch_params, dag_defaults
+from mmpipe_airflow.reports import report_task
 
 
 @dag(
@@ -41,6 +42,7 @@ def mmpipe_score():
         return {k: sum(r[k] for r in results) for k in ("objects", "tagged", "images", "review", "failures")}
 
     summary(score_batch.expand(batch_uri=list_unscored()))
+    report_task()
 
 
 mmpipe_score()

