@@ -1,8 +1,11 @@
 """Patient-level, deterministic splits and frozen test snapshots.
 
-A patient's split is a pure function of their pseudonymous key (a hash mapped to [0, 1)), and the
-first assignment is recorded forever, so a patient never straddles splits and nobody moves as
-new data arrives (changing the ratios affects only patients seen afterwards). Only images of ingest
+Splits are stratified by class: the new patients of each class (by their images' majority label)
+fill that class's 70/15/15 quotas, counting the patients already recorded, in the order of a hash
+of their pseudonymous key. So every class with 7 or more patients has validation and test patients
+(a small class drawn at random can have none, and a class without test images cannot be judged),
+the assignment is deterministic, and the first assignment is recorded forever: a patient never
+straddles splits and nobody moves as new data arrives (changed ratios affect only new patients). Only images of ingest
 runs whose batch validation passed are usable. The test set that compares models is a named,
 immutable snapshot: freezing a new one is an explicit, recorded act, and its member list is
 checked against its content hash every time it is read.
@@ -11,8 +14,10 @@ checked against its content hash every time it is read.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable
+from collections import Counter
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import sqlalchemy as sa
 
@@ -46,21 +51,66 @@ class Ratios:
         return cls(settings.split_train, settings.split_val, settings.split_test)
 
 
-def assign(patient_key: str, ratios: Ratios = Ratios()) -> str:
-    """The split a patient belongs to, from a hash of their key alone."""
-    fraction = int(hashlib.sha256(patient_key.encode()).hexdigest()[:15], 16) / 16**15
-    if fraction < ratios.train:
-        return "train"
-    return "val" if fraction < ratios.train + ratios.val else "test"
+def hash_order(patient_key: str) -> str:
+    """A patient's place in the assignment order: a hash of the key, so the order carries no meaning."""
+    return hashlib.sha256(patient_key.encode()).hexdigest()
+
+
+def quotas(ratios: Ratios, recorded: Counter[str], n_new: int) -> dict[str, int]:
+    """How many of ``n_new`` patients go to each split so that a class's recorded + new patients come
+    closest to ``ratios`` (largest remainder over each split's shortfall; pure)."""
+    total = sum(recorded.values()) + n_new
+    short = {s: max(0.0, getattr(ratios, s) * total - recorded[s]) for s in SPLITS}
+    scale = n_new / sum(short.values())
+    exact = {s: short[s] * scale for s in SPLITS}
+    out = {s: int(exact[s]) for s in SPLITS}
+    by_remainder = sorted(SPLITS, key=lambda s: (out[s] - exact[s], SPLITS.index(s)))
+    for s in by_remainder[: n_new - sum(out.values())]:
+        out[s] += 1
+    return out
+
+
+def stratified(
+    new: Mapping[str, Iterable[str]], recorded: Mapping[str, Counter[str]], ratios: Ratios = Ratios()
+) -> dict[str, str]:
+    """Splits for new patients: {class: patient keys} -> {patient key: split}, given the recorded
+    patients' split counts per class. Deterministic whatever the input order (pure)."""
+    out: dict[str, str] = {}
+    for label, keys in new.items():
+        ordered = sorted(set(keys), key=hash_order)
+        quota = quotas(ratios, recorded.get(label, Counter()), len(ordered))
+        start = 0
+        for split in SPLITS:
+            out |= dict.fromkeys(ordered[start : start + quota[split]], split)
+            start += quota[split]
+    return out
+
+
+def _majority_labels(rows: Iterable[Mapping[str, Any]]) -> dict[str, str]:
+    """patient key -> the label most of their images carry (ties: the first label alphabetically)."""
+    counts: dict[str, Counter[str]] = {}
+    for r in rows:
+        counts.setdefault(r["patient_key"], Counter())[r["label"]] += int(r["n"])
+    return {p: min(c, key=lambda label: (-c[label], label)) for p, c in counts.items()}
 
 
 def record_splits(catalog: Catalog, ratios: Ratios = Ratios()) -> int:
-    """Assign every new patient key; existing assignments never change. Returns patients added."""
-    new = catalog.query(
-        "SELECT DISTINCT i.patient_key FROM images i LEFT JOIN patient_splits s ON s.patient_key = i.patient_key "
-        "WHERE s.patient_key IS NULL"
+    """Assign every new patient key, stratified by class; existing assignments never change.
+    Returns patients added."""
+    rows = catalog.query(
+        "SELECT i.patient_key, i.label, s.split, count(*) AS n FROM images i "
+        "LEFT JOIN patient_splits s ON s.patient_key = i.patient_key GROUP BY i.patient_key, i.label, s.split"
     )
-    rows = [{"patient_key": r["patient_key"], "split": assign(r["patient_key"], ratios)} for r in new]
+    split_of = {r["patient_key"]: r["split"] for r in rows}
+    new: dict[str, list[str]] = {}
+    recorded: dict[str, Counter[str]] = {}
+    for patient, label in _majority_labels(rows).items():
+        if split_of[patient] is None:
+            new.setdefault(label, []).append(patient)
+        else:
+            recorded.setdefault(label, Counter())[split_of[patient]] += 1
+    assigned = stratified(new, recorded, ratios)
+    rows = [{"patient_key": p, "split": s} for p, s in assigned.items()]
     return catalog.upsert("patient_splits", rows, ["patient_key"], update=False)
 
 

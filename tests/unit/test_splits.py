@@ -47,29 +47,40 @@ def mark_validated(catalog: Catalog, run_id: str, success: bool = True) -> None:
     catalog.upsert("validations", [row], ["validation_id"])
 
 
-def test_assignment_is_a_pure_function_of_the_key():
-    assert [splits.assign(k) for k in KEYS[:200]] == [splits.assign(k) for k in KEYS[:200]]
-    assert splits.assign("patient-00001") == splits.assign("patient-00001", splits.Ratios())
+def test_assignment_is_deterministic_whatever_the_order():
+    new = {"brain_mri": KEYS[:200], "retinal_oct": KEYS[200:230]}
+    shuffled = {"retinal_oct": list(reversed(KEYS[200:230])), "brain_mri": KEYS[:200][::-1]}
+    assert splits.stratified(new, {}) == splits.stratified(shuffled, {})
 
 
-def test_default_shares_are_70_15_15():
-    counts = Counter(splits.assign(k) for k in KEYS)
-    for split, share in (("train", 0.70), ("val", 0.15), ("test", 0.15)):
-        assert counts[split] / len(KEYS) == pytest.approx(share, abs=0.01)
+def test_default_shares_are_70_15_15_per_class():
+    small = [f"other-{i}" for i in range(40)]
+    assigned = splits.stratified({"a": KEYS, "b": small}, {})
+    for keys in (KEYS, small):
+        counts = Counter(assigned[k] for k in keys)
+        assert counts == {"train": 0.70 * len(keys), "val": 0.15 * len(keys), "test": 0.15 * len(keys)}
 
 
-def test_configured_ratios_are_honoured_and_nest(monkeypatch):
+@pytest.mark.parametrize("n", range(7, 40))
+def test_a_small_class_always_gets_validation_and_test_patients(n):
+    counts = Counter(splits.stratified({"retinal_oct": KEYS[:n]}, {}).values())
+    assert min(counts["val"], counts["test"]) >= 1 and sum(counts.values()) == n
+    assert abs(counts["test"] - 0.15 * n) < 1 and abs(counts["val"] - 0.15 * n) < 1
+
+
+def test_new_patients_fill_the_shortfall_of_their_class():
+    recorded = {"lung_ct": Counter({"train": 10})}  # earlier nights: only training patients so far
+    assigned = splits.stratified({"lung_ct": KEYS[:4]}, recorded)
+    assert Counter(assigned.values()) == {"val": 2, "test": 2}
+
+
+def test_configured_ratios_are_honoured(monkeypatch):
     for name, share in (("TRAIN", "0.8"), ("VAL", "0.1"), ("TEST", "0.1")):
         monkeypatch.setenv(f"MMPIPE_SPLIT_{name}", share)
     ratios = splits.Ratios.of(get_settings())
     assert ratios == splits.Ratios(0.8, 0.1, 0.1)
-    counts = Counter(splits.assign(k, ratios) for k in KEYS)
-    assert counts["train"] / len(KEYS) == pytest.approx(0.8, abs=0.01)
-    assert counts["test"] / len(KEYS) == pytest.approx(0.1, abs=0.01)
-    # the hash fraction is fixed per patient, so a smaller test share only ever shrinks the test set
-    assert {k for k in KEYS if splits.assign(k, ratios) == "test"} <= {
-        k for k in KEYS if splits.assign(k) == "test"
-    }
+    counts = Counter(splits.stratified({"a": KEYS[:1000]}, {}, ratios).values())
+    assert counts == {"train": 800, "val": 100, "test": 100}
 
 
 @pytest.mark.parametrize("shares", [(0.7, 0.2, 0.2), (0.5, 0.3, 0.1)])
@@ -89,16 +100,26 @@ def test_recorded_assignments_never_move(catalog: Catalog):
     add_images(catalog, first, "run-1")
     assert splits.record_splits(catalog) == 300
     before = {r["patient_key"]: r["split"] for r in catalog.query("SELECT * FROM patient_splits")}
-    assert before == {k: splits.assign(k) for k in first}
-    # new data arrives, and meanwhile the ratios were changed: old patients stay, new ones follow the new ratios
+    assert before == splits.stratified({"brain_mri": first}, {})
+    # new data arrives, and meanwhile the ratios were changed: old patients stay, new ones make up
+    # the class's shortfall against the new ratios (20/20/60 of 600: val short by 75, test by 315)
     later = KEYS[300:600]
     add_images(catalog, [*first[:50], *later], "run-2", per_patient=1)
     skewed = splits.Ratios(0.2, 0.2, 0.6)
     assert splits.record_splits(catalog, skewed) == 300
     after = {r["patient_key"]: r["split"] for r in catalog.query("SELECT * FROM patient_splits")}
     assert {k: after[k] for k in first} == before
-    assert {k: after[k] for k in later} == {k: splits.assign(k, skewed) for k in later}
+    assert Counter(after[k] for k in later) == {"val": 58, "test": 242}
     assert splits.record_splits(catalog, skewed) == 0
+
+
+def test_a_patient_counts_for_the_class_most_of_their_images_carry(catalog: Catalog):
+    add_images(catalog, KEYS[:20], "run-1", per_patient=3)
+    catalog.execute("UPDATE images SET label = 'liver_ct' WHERE image_id LIKE '%-0'")  # 1 of 3 images each
+    splits.record_splits(catalog)
+    assert Counter(r["split"] for r in catalog.query("SELECT split FROM patient_splits")) == {
+        "train": 14, "val": 3, "test": 3,
+    }  # fmt: skip
 
 
 def test_only_images_of_validated_runs_are_usable(catalog: Catalog):
