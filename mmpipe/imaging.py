@@ -2,7 +2,10 @@
 
 Pure functions on bytes, safe to call from worker threads. Every input ends as either a
 :class:`Decoded` or a :class:`Rejected` carrying a fixed machine-readable :class:`Reason`: ingest
-quarantines on that reason, so no other exception may escape :func:`decode_image`.
+quarantines on that reason. Where a library parses the input (pydicom reading or converting a
+header value, a pixel codec, Pillow, libjpeg), any exception is damage in the data and becomes
+:class:`Rejected` (:func:`data_fault`). Any other exception is a bug in mmpipe's own code: it
+escapes :func:`decode_image`, and ingest records it as a decoder error, never as a verdict on the data.
 
 DICOM rules, in order (the native-unit image handed to :func:`mmpipe.pixels.normalise`):
 
@@ -41,6 +44,7 @@ import lzma
 import struct
 import zlib
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import StrEnum
 from io import BytesIO
@@ -51,11 +55,11 @@ import libjpeg
 import numpy as np
 import pydicom
 import pydicom.config
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from pydicom.datadict import dictionary_has_tag
 from pydicom.dataset import Dataset
 from pydicom.encaps import encapsulate, get_frame
-from pydicom.filereader import _read_file_meta_info, read_preamble
+from pydicom.filereader import _read_command_set_elements, _read_file_meta_info, read_preamble
 from pydicom.multival import MultiValue
 from pydicom.pixels import apply_color_lut, apply_rescale, apply_voi, get_decoder, pixel_array
 from pydicom.uid import (
@@ -139,6 +143,23 @@ class Rejected(Exception):
         return f"{self.reason.value}: {self.detail}"
 
 
+#: Not faults of the data. Everything else a library raises on untrusted bytes is, including the
+#: ``PanicException`` of Rust codecs (pylibjpeg-rle), a BaseException that ``except Exception`` misses.
+_NOT_DATA_FAULTS = (Rejected, MemoryError, KeyboardInterrupt, SystemExit, GeneratorExit)
+
+
+@contextmanager
+def data_fault(what: str, reason: Reason = Reason.CORRUPT) -> Iterator[None]:
+    """A library parsing untrusted bytes: whatever it raises is damage in the data, kept as ``what``
+    and the exception's type only (library messages may quote header values or member names)."""
+    try:
+        yield
+    except _NOT_DATA_FAULTS:
+        raise
+    except BaseException as exc:
+        raise Rejected(reason, f"{what} ({type(exc).__name__})") from None
+
+
 @dataclass(frozen=True)
 class Limits:
     """Resource ceilings for one object, checked before the expensive work they guard."""
@@ -218,7 +239,7 @@ def _decompressed_head(data: bytes) -> bytes:
             return bz2.BZ2Decompressor().decompress(data[: 1 << 20], _TAR_BLOCK)
         if data.startswith(XZ_MAGIC):
             return lzma.LZMADecompressor().decompress(data[:65536], _TAR_BLOCK)
-    except (zlib.error, OSError, EOFError, lzma.LZMAError):
+    except Exception:  # damaged compression: not a tar, whatever the codec raised
         return b""
     return data[:_TAR_BLOCK]
 
@@ -244,8 +265,10 @@ def _looks_like_raw_dataset(data: bytes) -> bool:
     if not any(2 <= group <= 0x28 and group % 2 == 0 for group in groups):
         return False
     try:
-        ds = pydicom.dcmread(BytesIO(data), force=True, stop_before_pixels=True)
-        tags = ds.keys()  # tags only: iterating the dataset would convert every value
+        if _DEFLATED in data:  # dcmread would inflate the dataset unmeasured: its file meta must do
+            tags = _read_file_meta_info(BytesIO(data)).keys()
+        else:  # tags only: iterating the dataset would convert every value
+            tags = pydicom.dcmread(BytesIO(data), force=True, stop_before_pixels=True).keys()
         return sum(dictionary_has_tag(tag) for tag in tags) >= 2
     except Exception:
         return False
@@ -255,18 +278,15 @@ def _looks_like_raw_dataset(data: bytes) -> bool:
 
 
 def decode_image(data: bytes, name: str, size: int, limits: Limits) -> Decoded:
-    """Decode ``data`` to a canonical ``size``x``size`` uint8 image; raise :class:`Rejected` otherwise.
+    """Decode ``data`` to a canonical ``size``x``size`` uint8 image; raise :class:`Rejected` when the
+    data is at fault. Any other exception is a bug in mmpipe, not a verdict on the data (module doc).
 
     ``name`` only contributes its extension to rejection details (never the name: it may hold PHI).
     """
     try:
         return _decode(data, name, size, limits)
-    except Rejected:
-        raise
     except MemoryError:
         raise Rejected(Reason.TOO_LARGE, "out of memory while decoding") from None
-    except Exception as exc:  # the contract: nothing but Rejected escapes, and no PHI-bearing message
-        raise Rejected(Reason.CORRUPT, f"unexpected {type(exc).__name__} while decoding") from None
 
 
 def _decode(data: bytes, name: str, size: int, limits: Limits) -> Decoded:
@@ -331,16 +351,18 @@ def _read_dataset(data: bytes, limits: Limits) -> Dataset:
 
 
 def _guard_deflate(data: bytes, limits: Limits) -> None:
-    """pydicom inflates a Deflated-syntax dataset in one unbounded call: measure it first."""
+    """pydicom inflates a Deflated-syntax dataset in one unbounded call: measure it first.
+
+    The guard fails closed: it reads the file meta as ``dcmread`` does (with or without a preamble),
+    and a file naming the deflated syntax whose file meta it cannot read is refused, not passed on.
+    """
     if _DEFLATED not in data:  # the file meta stores the UID as text: without it, no parse needed
         return
     fp = BytesIO(data)
-    try:
-        if read_preamble(fp, True) is None:
-            return  # no file meta, hence no deflated syntax
+    with data_fault("unreadable file meta of a dataset naming the deflated syntax"):
+        read_preamble(fp, True)  # without a preamble pydicom rewinds and still reads a file meta
         tsyntax = _read_file_meta_info(fp).get("TransferSyntaxUID")
-    except Exception:
-        return  # dcmread reports the damage
+        _read_command_set_elements(fp)  # pydicom inflates what follows these
     if tsyntax != DeflatedExplicitVRLittleEndian:
         return
     inflater, pending, total = zlib.decompressobj(-zlib.MAX_WBITS), data[fp.tell() :], 0
@@ -359,15 +381,22 @@ def _guard_deflate(data: bytes, limits: Limits) -> None:
             break
 
 
+def _value(ds: Dataset, keyword: str) -> Any:
+    """``keyword``'s value in ``ds``, or None. pydicom converts a value when it is first read, so
+    damaged bytes surface here, as a data fault."""
+    with data_fault(f"unreadable {keyword}"):
+        return ds.get(keyword)
+
+
 def _text(ds: Dataset, keyword: str) -> str | None:
-    value = ds.get(keyword)
+    value = _value(ds, keyword)
     if value is None:
         return None
     return str(value).strip() or None
 
 
 def _int(ds: Dataset, keyword: str, default: int | None = None) -> int:
-    value = ds.get(keyword)
+    value = _value(ds, keyword)
     if value in (None, ""):
         if default is None:
             raise Rejected(Reason.CORRUPT, f"missing {keyword}")
@@ -385,25 +414,27 @@ def _first_float(value: Any) -> float:
 def _frame_value(ds: Dataset, frame: int, group: str, keyword: str) -> Any:
     """``keyword`` at top level, else in the frame's then the shared functional group ``group``."""
     if keyword in ds:
-        return ds[keyword].value
+        return _value(ds, keyword)
     for sequence, index in (
         ("PerFrameFunctionalGroupsSequence", frame),
         ("SharedFunctionalGroupsSequence", 0),
     ):
-        items = ds.get(sequence)
+        items = _value(ds, sequence)
         if items and index < len(items):
-            macro = items[index].get(group)
+            macro = _value(items[index], group)
             if macro and keyword in macro[0]:
-                return macro[0][keyword].value
+                return _value(macro[0], keyword)
     return None
 
 
 def _transfer_syntax(ds: Dataset) -> UID:
     """The file's transfer syntax; for raw datasets the encoding pydicom parsed them with."""
-    tsyntax = ds.file_meta.get("TransferSyntaxUID")
+    tsyntax = _value(ds.file_meta, "TransferSyntaxUID")
     if tsyntax:
         return UID(tsyntax)
-    if "PixelData" in ds and ds["PixelData"].is_undefined_length:
+    with data_fault("unreadable PixelData"):
+        undefined = "PixelData" in ds and ds["PixelData"].is_undefined_length
+    if undefined:
         raise Rejected(
             Reason.UNSUPPORTED_TRANSFER_SYNTAX, "encapsulated pixel data without a transfer syntax"
         )
@@ -466,7 +497,9 @@ def dicom_native(ds: Dataset, frame: int) -> tuple[np.ndarray, tuple[float, floa
     stored = _stored_frame(ds, frame)
     photometric = _text(ds, "PhotometricInterpretation")
     if photometric == "PALETTE COLOR":
-        return _luma(apply_color_lut(stored, ds)), None
+        with data_fault("unusable palette"):
+            rgb = apply_color_lut(stored, ds)
+        return _luma(rgb), None
     if stored.ndim == 3:  # RGB; pydicom already converted YBR_* to RGB
         return _luma(stored), None
     if stored.ndim != 2:
@@ -475,8 +508,9 @@ def dicom_native(ds: Dataset, frame: int) -> tuple[np.ndarray, tuple[float, floa
         raise Rejected(Reason.CORRUPT, f"single-sample image with photometric {photometric}")
     native = _rescale(stored, ds, frame)
     window = None
-    if ds.get("VOILUTSequence"):
-        native = apply_voi(np.rint(native).astype(np.int64), ds)
+    if _value(ds, "VOILUTSequence"):
+        with data_fault("unusable VOI LUT"):
+            native = apply_voi(np.rint(native).astype(np.int64), ds)
     else:
         window = _window(ds, frame)
     native = np.asarray(native, dtype=np.float32)
@@ -493,16 +527,18 @@ def _stored_frame(ds: Dataset, frame: int) -> np.ndarray:
     codecs decode a frame cut short without complaint, into an image whose lower part is noise, so
     a frame without it is refused before decoding.
     """
-    tsyntax = ds.file_meta.get("TransferSyntaxUID")
+    tsyntax = _value(ds.file_meta, "TransferSyntaxUID")
     encoded = _encoded_frame(ds, frame) if tsyntax in _END_MARKED else None
     if encoded is not None and not encoded.rstrip(b"\0\xff").endswith(b"\xff\xd9"):
         raise Rejected(Reason.CORRUPT, "compressed frame is truncated (no end-of-image marker)")
     try:
         return pixel_array(ds, index=frame)
-    except Exception as exc:  # pixel-level messages are technical (lengths, syntaxes), never PHI
+    except _NOT_DATA_FAULTS:
+        raise
+    except BaseException as exc:  # pixel-level messages are technical (lengths, syntaxes), never PHI
         failure = exc
     if encoded is not None and tsyntax in _SEQUENTIAL_JPEG:
-        with contextlib.suppress(Exception):  # the retry only ever adds a decode: report the first failure
+        with contextlib.suppress(Rejected), data_fault("undecodable"):  # the retry only adds a decode
             restated = _sequential_scans(encoded)
             if restated is not None:
                 return pixel_array(_single_frame(ds, restated))
@@ -527,17 +563,25 @@ def _single_frame(ds: Dataset, encoded: bytes) -> Dataset:
 
 
 def _rescale(stored: np.ndarray, ds: Dataset, frame: int) -> np.ndarray:
-    if ds.get("ModalityLUTSequence"):
-        return apply_rescale(stored, ds)
+    if _value(ds, "ModalityLUTSequence"):
+        with data_fault("unusable Modality LUT"):
+            return apply_rescale(stored, ds)
     group = "PixelValueTransformationSequence"
     slope = _frame_value(ds, frame, group, "RescaleSlope")
     intercept = _frame_value(ds, frame, group, "RescaleIntercept")
     native = stored.astype(np.float32)  # also makes big-endian and signed dtypes native float
     if slope not in (None, ""):
-        native *= np.float32(_first_float(slope))
+        native *= np.float32(_rescale_value(slope, "RescaleSlope"))
     if intercept not in (None, ""):
-        native += np.float32(_first_float(intercept))
+        native += np.float32(_rescale_value(intercept, "RescaleIntercept"))
     return native
+
+
+def _rescale_value(value: Any, keyword: str) -> float:
+    try:
+        return _first_float(value)
+    except (TypeError, ValueError):  # kept as text by pydicom's lenient reading: the value is garbled
+        raise Rejected(Reason.CORRUPT, f"invalid {keyword}") from None
 
 
 def _window(ds: Dataset, frame: int) -> tuple[float, float] | None:
@@ -582,7 +626,7 @@ def _decode_raster(data: bytes, kind: str, size: int, limits: Limits) -> Decoded
         image = Image.open(BytesIO(data), formats=[kind.upper()])  # lazy: reads the header only
     except Image.DecompressionBombError:  # beyond twice Pillow's own limit, checked on open
         raise Rejected(Reason.TOO_LARGE, "image dimensions refused by Pillow") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+    except Exception as exc:  # whatever Pillow raises on a header it cannot parse
         if kind != "jpeg":
             raise Rejected(Reason.CORRUPT, f"unreadable {kind} header ({type(exc).__name__})") from None
         native, photometric, bits = _libjpeg_raster(data, limits)  # Pillow opens 8-bit JPEG only
@@ -608,9 +652,10 @@ def _pillow_raster(image: Image.Image, kind: str, limits: Limits) -> tuple[np.nd
         image.load()
     except Image.DecompressionBombError:
         raise Rejected(Reason.TOO_LARGE, f"{rows}x{cols} pixels refused by Pillow") from None
-    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+    except Exception as exc:
         raise Rejected(Reason.CORRUPT, f"truncated or corrupt {kind} ({type(exc).__name__})") from None
-    native, photometric, bits = _raster_native(image)
+    with data_fault(f"unconvertible {kind}"):
+        native, photometric, bits = _raster_native(image)
     return _upright(native, image.getexif), photometric, bits
 
 
@@ -634,9 +679,10 @@ def _libjpeg_raster(data: bytes, limits: Limits) -> tuple[np.ndarray, str, int]:
         raise Rejected(Reason.CORRUPT, f"jpeg with {frame.components} components")
     if data.find(b"\xff\xd9", frame.scan) < 0:  # libjpeg fills a truncated scan in silently
         raise Rejected(Reason.CORRUPT, "truncated jpeg (no end-of-image marker after the scan)")
+    restated = _sequential_scans(data) or data
     try:
-        stored = libjpeg.decode(_sequential_scans(data) or data)
-    except RuntimeError as exc:
+        stored = libjpeg.decode(restated)
+    except Exception as exc:
         raise Rejected(Reason.CORRUPT, f"truncated or corrupt jpeg ({_technical(exc)})") from None
     if stored.ndim == 2:
         native, photometric = stored.astype(np.float32), "MONOCHROME2"
@@ -651,7 +697,7 @@ def _upright(native: np.ndarray, read_exif: Callable[[], Image.Exif]) -> np.ndar
     """``native`` turned as its EXIF Orientation says; an unreadable EXIF block is ignored, like a bad window."""
     try:
         orientation = read_exif().get(_ORIENTATION)
-    except (SyntaxError, struct.error):  # what Pillow raises for a damaged TIFF structure
+    except Exception:  # Pillow parsing a damaged TIFF structure
         return native
     turn = _UPRIGHT.get(orientation) if isinstance(orientation, int) else None
     return native if turn is None else turn(native)

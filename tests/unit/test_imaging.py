@@ -420,12 +420,22 @@ def test_frame_and_object_limits() -> None:
     assert rejection(mr, limits=few_pixels).reason is Reason.TOO_LARGE
 
 
-def test_deflate_bomb_is_measured_before_pydicom_inflates_it() -> None:
-    data = local("image_dfl.dcm")  # ~4.6 kB deflated, inflates to ~260 kB
+@pytest.mark.parametrize("strip", [0, 132], ids=["part10", "no-preamble"])
+def test_deflate_bomb_is_measured_before_pydicom_inflates_it(strip: int) -> None:
+    """Without preamble and DICM prefix pydicom still reads the file meta and inflates: so does the guard."""
+    data = local("image_dfl.dcm")[strip:]  # ~4.6 kB deflated, inflates to ~260 kB
     assert decode(data).n_frames == 1
     assert rejection(data, limits=Limits(**{**LIMITS.__dict__, "max_object_bytes": 100_000})).reason is (
         Reason.TOO_LARGE
     )
+
+
+def test_a_rust_codec_panic_is_a_data_fault_not_a_crash() -> None:
+    """pylibjpeg-rle panics (a BaseException, not an Exception) on this damaged RLE segment."""
+    data = bytearray(local("MR_small_RLE.dcm"))
+    data[2436] = 145
+    exc = rejection(bytes(data))
+    assert exc.reason is Reason.CORRUPT and "PanicException" in exc.detail
 
 
 def test_unsupported_transfer_syntax() -> None:

@@ -8,10 +8,12 @@ import sqlite3
 import zipfile
 
 import numpy as np
+import pydicom
 import pytest
 from PIL import Image
 from pydicom.uid import SecondaryCaptureImageStorage
 
+from mmpipe import decoding
 from mmpipe.config import CLASSES, get_settings
 from mmpipe.decoding import decode_processes, expand, process_object
 from mmpipe.imaging import Limits
@@ -173,3 +175,36 @@ def test_run_slug_is_never_a_dot_segment_or_empty(run_id: str) -> None:
 def test_decode_processes_default_to_one_more_than_the_cores() -> None:
     assert decode_processes(get_settings(ingest_processes=3)) == 3
     assert decode_processes(get_settings()) == (os.cpu_count() or 1) + 1
+
+
+# --------------------------------------------------------------------------- bugs are not data faults
+
+
+def test_a_bug_in_decoding_is_a_decoder_error_with_a_traceback_but_no_header_values(monkeypatch) -> None:
+    """A regression raising with a header value in its message: recorded, not quarantined, no PHI."""
+
+    def buggy(data, name, size, limits):
+        ds = pydicom.dcmread(io.BytesIO(data))
+        raise ValueError(f"cannot handle patient {ds.PatientID}")  # what a careless f-string does
+
+    archive = make_zip([("good.png", png(1)), ("bad.dcm", dicom(2, patient="MRN-SECRET-77"))])
+    real = decoding.decode_image
+    monkeypatch.setattr(decoding, "decode_image", lambda data, *a: (buggy if b"DICM" in data else real)(data, *a))
+    outcome = process("training/brain_mri/E1/export.zip", archive)
+
+    assert outcome.quarantined == [] and len(outcome.images) == 1  # the object is held back whole by ingest
+    (error,) = outcome.errors
+    assert (error["kind"], error["member_path"]) == ("decoder_error", "bad.dcm")
+    assert error["error"].startswith("builtins.ValueError at test_ingest_unit.py:")
+    assert "in buggy" in error["traceback"] and "raise ValueError" in error["traceback"]
+    assert "MRN-SECRET-77" not in repr(error)
+
+
+def test_a_labeling_bug_holds_the_object_back() -> None:
+    class Exploding(Labeler):
+        def resolve(self, *args, **kwargs):
+            raise KeyError("unexpected")
+
+    outcome = process("training/brain_mri/E1/a.dcm", dicom(1), Exploding(CLASSES))
+    assert [e["kind"] for e in outcome.errors] == ["decoder_error"] and not outcome.quarantined
+    assert "KeyError" in outcome.errors[0]["error"]
