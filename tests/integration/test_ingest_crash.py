@@ -54,7 +54,7 @@ def test_dead_decode_processes_quarantine_their_object_only(ready, monkeypatch, 
 
 
 def test_a_decode_that_never_finishes_is_killed_and_quarantined(ready, monkeypatch) -> None:
-    settings, store, catalog = ready(ingest_processes=2, decode_timeout_seconds=1.5)
+    settings, store, catalog = ready(ingest_processes=2, decode_timeout_seconds=4)
     monkeypatch.setattr(decoding, "decode_image", dying_decode)
     for n in range(5):
         store.put(f"training/liver_ct/P{n}/ct.dcm", dicom_bytes(n, Modality="CT"))
@@ -66,5 +66,5 @@ def test_a_decode_that_never_finishes_is_killed_and_quarantined(ready, monkeypat
     assert (report["status"], report["ingested"], report["quarantined"]) == ("succeeded", 5, 1)
     row = catalog.query("SELECT source_key, reason, detail FROM quarantine")[0]
     assert (row["source_key"], row["reason"]) == ("training/liver_ct/P7/loop.dcm", "corrupt")
-    assert row["detail"] == "decoding did not finish within 1.5 s"
+    assert row["detail"] == "decoding did not finish within 4 s"
     assert time.monotonic() - started < 60
