@@ -384,7 +384,7 @@ def test_concurrent_batches_with_identical_content_store_it_once(ready, pg_url) 
 
 
 def test_retrying_a_committed_batch_changes_nothing(ready) -> None:
-    settings, store, catalog = ready()  # the embedded default: SQLite
+    settings, store, catalog = ready(catalog="sqlite")  # the embedded default
     for n in range(3):
         store.put(f"training/liver_ct/P{n}/a.dcm", dicom(pattern(60 + n), modality="CT"))
     store.put("training/liver_ct/P9/bad.dcm", b"garbage" * 40)
