@@ -173,10 +173,13 @@ def refresh_manifests(store: Store, catalog: Catalog, prefix: str, found: Sequen
             log.warning("label manifest %s is unusable (%s); its entries are ignored", obj.key, exc)
         rows.append(row)
     gone = [{"k": k} for k in known if k not in current]
-    with catalog.begin() as conn:
+
+    def mirror(conn: Connection) -> None:
         if gone:
             conn.execute(sa.text("DELETE FROM label_manifests WHERE manifest_key = :k"), gone)
         catalog.upsert("label_manifests", rows, ["manifest_key"], conn)
+
+    catalog.transaction(mirror)
 
 
 def load_labeler(settings: Settings, catalog: Catalog, prefix: str) -> Labeler:
@@ -662,18 +665,7 @@ def record_outcomes(
         else:
             fresh[row["image_id"]], pixels[row["image_id"]] = row, px
 
-    items = list(fresh)
-    for n, start in enumerate(range(0, len(items), settings.shard_size)):
-        chunk = items[start : start + settings.shard_size]
-        uri = write_shard(
-            store,
-            f"{CURATED_PREFIX}{slug}/{batch}-{n:03d}.npz",
-            [fresh[i] for i in chunk],
-            [pixels[i] for i in chunk],
-        )
-        for index, image_id in enumerate(chunk):
-            fresh[image_id] |= {"shard_uri": uri, "shard_index": index, "ingest_run_id": run_id}
-            fresh[image_id] |= {"status": "active", "status_reason": None}
+    _write_shards(settings, store, run_id, f"{CURATED_PREFIX}{slug}/{batch}", fresh, pixels)
 
     quarantine_rows = _write_quarantine_records(store, settings.ingest_workers, slug, run_id, outcomes)
     versions = [{"k": o.obj.key, "e": o.obj.etag} for o in outcomes]
@@ -688,6 +680,9 @@ def record_outcomes(
         for image_id, label in late.items():
             duplicates.append(_duplicate(fresh.pop(image_id), image_id))
             stored[image_id] = label
+        if late:  # our shards hold pixels now stored elsewhere: write them again without those (rare)
+            digest = hashlib.sha256(" ".join(sorted(fresh)).encode()).hexdigest()[:8]
+            _write_shards(settings, store, run_id, f"{CURATED_PREFIX}{slug}/{batch}-{digest}", fresh, pixels)
         retired, inherited = _retire_or_inherit(conn, batch_keys, set(fresh))
         catalog.upsert("images", list(fresh.values()), ["image_id"], conn)
         member_key = ["source_key", "source_etag", "member_path"]
@@ -727,6 +722,24 @@ def record_outcomes(
             result["identifier_keys"],
         )
     return result
+
+
+def _write_shards(
+    settings: Settings,
+    store: Store,
+    run_id: str,
+    stem: str,
+    fresh: dict[str, dict[str, Any]],
+    pixels: dict[str, np.ndarray],
+) -> None:
+    """Write the fresh images' pixels as shards ``<stem>-NNN.npz`` and point their rows at them."""
+    items = list(fresh)
+    for n, start in enumerate(range(0, len(items), settings.shard_size)):
+        chunk = items[start : start + settings.shard_size]
+        uri = write_shard(store, f"{stem}-{n:03d}.npz", [fresh[i] for i in chunk], [pixels[i] for i in chunk])
+        for index, image_id in enumerate(chunk):
+            fresh[image_id] |= {"shard_uri": uri, "shard_index": index, "ingest_run_id": run_id}
+            fresh[image_id] |= {"status": "active", "status_reason": None}
 
 
 def _settle_claims(
