@@ -39,15 +39,18 @@ _ZIP_EOCD_SIZE = 22
 _ZIP_ENCRYPTED = 0x1
 
 
-def iter_members(data: bytes, name: str, limits: Limits) -> Iterator[tuple[str, bytes]]:
-    """Yield ``(normalised posix path, bytes)`` for each regular file of a zip or (compressed) tar.
+def iter_members(
+    data: bytes, name: str, limits: Limits, kind: str | None = None
+) -> Iterator[tuple[str, bytes]]:
+    """Yield ``(normalised posix path, bytes)`` for each regular file of a zip or (compressed) tar
+    (``kind``: what :func:`sniff` said of ``data``, if the caller sniffed it already).
 
     Raises :class:`Rejected`: UNSAFE_ARCHIVE, TOO_LARGE, CORRUPT (unreadable archive) or NOT_IMAGE
     (not an archive at all).
     """
     if len(data) > limits.max_object_bytes:
         raise Rejected(Reason.TOO_LARGE, f"{len(data)} bytes > max_object_bytes {limits.max_object_bytes}")
-    kind = sniff(data, name)
+    kind = kind or sniff(data, name)
     if kind not in ("zip", "tar"):
         raise Rejected(Reason.NOT_IMAGE, f"not a zip or tar archive (sniffed {kind})")
     try:

@@ -34,7 +34,7 @@ from collections.abc import Sequence
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -108,21 +108,30 @@ def decoder_error(member: str, exc: BaseException) -> dict[str, str]:
     }
 
 
-def expand(key: str, data: bytes, limits: Limits) -> tuple[list[tuple[str, bytes]], list[dict[str, str]]]:
-    """The object's leaf files ``[(member path, bytes)]`` and its rejected archives.
+class Leaf(NamedTuple):
+    """A file to decode: its member path ("" for a plain object), bytes, and kind as sniffed (once)."""
+
+    path: str
+    body: bytes
+    kind: str
+
+
+def expand(key: str, data: bytes, limits: Limits) -> tuple[list[Leaf], list[dict[str, str]]]:
+    """The object's leaf files and its rejected archives.
 
     A plain object is its own single leaf (path ""). Archives nest up to MAX_ARCHIVE_DEPTH, and all
     levels together share one member/bytes budget, so an archive of archives cannot multiply the
     limits. An archive that fails anywhere (even mid-way) is rejected whole: none of its files is used.
     """
-    leaves: list[tuple[str, bytes]] = []
+    leaves: list[Leaf] = []
     rejected: list[dict[str, str]] = []
     members_left, bytes_left = limits.max_archive_members, limits.max_archive_bytes
     pending = deque([("", data, 0)])
     while pending:
         path, body, depth = pending.popleft()
-        if sniff(body, path or key) not in ARCHIVE_KINDS:
-            leaves.append((path, body))
+        kind = sniff(body, path or key)
+        if kind not in ARCHIVE_KINDS:
+            leaves.append(Leaf(path, body, kind))
             continue
         try:
             if depth >= MAX_ARCHIVE_DEPTH:
@@ -130,7 +139,7 @@ def expand(key: str, data: bytes, limits: Limits) -> tuple[list[tuple[str, bytes
                     Reason.UNSAFE_ARCHIVE, f"archives nested deeper than {MAX_ARCHIVE_DEPTH} levels"
                 )
             room = replace(limits, max_archive_members=members_left, max_archive_bytes=bytes_left)
-            members = list(iter_members(body, path or key, room))
+            members = list(iter_members(body, path or key, room, kind))
             if not members:
                 raise Rejected(Reason.EMPTY, "archive holds no files")
         except Rejected as exc:
@@ -192,9 +201,9 @@ def process_object(
         leaves, outcome.quarantined = expand(obj.key, data, limits)
     except Exception as exc:
         return Outcome(obj, errors=[decoder_error("", exc)])
-    for member, body in leaves:
+    for member, body, kind in leaves:
         try:
-            decoded = decode_image(body, member or obj.key, size, limits)
+            decoded = decode_image(body, member or obj.key, size, limits, kind)
             label = labeler.resolve(
                 obj.key, member, decoded.modality, decoded.body_part, decoded.study_description
             )

@@ -26,6 +26,10 @@ DICOM rules, in order (the native-unit image handed to :func:`mmpipe.pixels.norm
   frame that they all refuse because its scan header misstates the spectral selection (some
   encoders write Se=0) is decoded once more with the full spectrum stated, as IJG's codec (DCMTK,
   GDCM) reads it.
+* The common case takes a fast path that gives exactly what pydicom gives (:class:`NativeHeader`):
+  a Part-10 file in explicit or implicit VR little endian, one sample of 8 or 16 bits, MONOCHROME,
+  no LUT sequence or functional groups, ASCII text values. Anything else, or anything it finds odd,
+  goes to pydicom, which judges it; dcmread and the decoder runner cost 3-4 times the whole fast path.
 
 PNG/JPEG: grayscale at its native depth (8 or 16 bit), RGB(A)/palette/CMYK to BT.601 luma, alpha
 dropped; intensities scaled by percentiles. A JPEG Pillow cannot open (12-bit extended, lossless up
@@ -277,24 +281,24 @@ def _looks_like_raw_dataset(data: bytes) -> bool:
 # --------------------------------------------------------------------------- decoding
 
 
-def decode_image(data: bytes, name: str, size: int, limits: Limits) -> Decoded:
+def decode_image(data: bytes, name: str, size: int, limits: Limits, kind: str | None = None) -> Decoded:
     """Decode ``data`` to a canonical ``size``x``size`` uint8 image; raise :class:`Rejected` when the
     data is at fault. Any other exception is a bug in mmpipe, not a verdict on the data (module doc).
 
     ``name`` only contributes its extension to rejection details (never the name: it may hold PHI).
+    ``kind`` is what :func:`sniff` said of ``data``, if the caller sniffed it already.
     """
     try:
-        return _decode(data, name, size, limits)
+        return _decode(data, name, size, limits, kind or sniff(data, name))
     except MemoryError:
         raise Rejected(Reason.TOO_LARGE, "out of memory while decoding") from None
 
 
-def _decode(data: bytes, name: str, size: int, limits: Limits) -> Decoded:
+def _decode(data: bytes, name: str, size: int, limits: Limits, kind: str) -> Decoded:
     if not data:
         raise Rejected(Reason.EMPTY, "zero-byte object")
     if len(data) > limits.max_object_bytes:
         raise Rejected(Reason.TOO_LARGE, f"{len(data)} bytes > max_object_bytes {limits.max_object_bytes}")
-    kind = sniff(data, name)
     if kind == "dicom":
         return _decode_dicom(data, size, limits)
     if kind in ("png", "jpeg"):
@@ -451,7 +455,7 @@ def _transfer_syntax(ds: Dataset) -> UID:
 
 
 def _decode_dicom(data: bytes, size: int, limits: Limits) -> Decoded:
-    ds = _read_dataset(data, limits)
+    ds = NativeHeader.parse(data) or _read_dataset(data, limits)
     if not any(keyword in ds for keyword in _PIXEL_KEYWORDS):
         raise Rejected(Reason.NO_PIXEL_DATA, "dataset has no pixel data")
     rows, cols = _int(ds, "Rows"), _int(ds, "Columns")
@@ -492,7 +496,7 @@ def _decode_dicom(data: bytes, size: int, limits: Limits) -> Decoded:
     )
 
 
-def dicom_native(ds: Dataset, frame: int) -> tuple[np.ndarray, tuple[float, float] | None]:
+def dicom_native(ds: Dataset | NativeHeader, frame: int) -> tuple[np.ndarray, tuple[float, float] | None]:
     """Decode one frame to a 2-D float image in native units plus its window, per the module rules."""
     stored = _stored_frame(ds, frame)
     photometric = _text(ds, "PhotometricInterpretation")
@@ -527,6 +531,8 @@ def _stored_frame(ds: Dataset, frame: int) -> np.ndarray:
     codecs decode a frame cut short without complaint, into an image whose lower part is noise, so
     a frame without it is refused before decoding.
     """
+    if isinstance(ds, NativeHeader):
+        return ds.frame(frame)
     tsyntax = _value(ds.file_meta, "TransferSyntaxUID")
     encoded = _encoded_frame(ds, frame) if tsyntax in _END_MARKED else None
     if encoded is not None and not encoded.rstrip(b"\0\xff").endswith(b"\xff\xd9"):
@@ -603,6 +609,203 @@ def _window(ds: Dataset, frame: int) -> tuple[float, float] | None:
     if w < 1:  # LINEAR requires width >= 1; SIGMOID shares its bounds
         return None
     return c - 0.5 - (w - 1) / 2, c - 0.5 + (w - 1) / 2
+
+
+# --------------------------------------------------------------------------- DICOM: the fast path
+
+_TAGS = {  # keyword -> (tag, VR) of what decoding reads
+    "Rows": (0x00280010, "US"), "Columns": (0x00280011, "US"), "BitsAllocated": (0x00280100, "US"),
+    "BitsStored": (0x00280101, "US"), "PixelRepresentation": (0x00280103, "US"),
+    "SamplesPerPixel": (0x00280002, "US"), "NumberOfFrames": (0x00280008, "IS"),
+    "PhotometricInterpretation": (0x00280004, "CS"), "PresentationLUTShape": (0x20500020, "CS"),
+    "RescaleSlope": (0x00281053, "DS"), "RescaleIntercept": (0x00281052, "DS"),
+    "WindowCenter": (0x00281050, "DS"), "WindowWidth": (0x00281051, "DS"), "VOILUTFunction": (0x00281056, "CS"),
+    "Modality": (0x00080060, "CS"), "BodyPartExamined": (0x00180015, "CS"), "StudyDescription": (0x00081030, "LO"),
+    "PatientID": (0x00100020, "LO"), "StudyInstanceUID": (0x0020000D, "UI"), "AccessionNumber": (0x00080050, "SH"),
+}  # fmt: skip
+_PIXEL_DATA = 0x7FE00010
+#: Present, these need what only pydicom does: float pixels, LUTs, functional groups.
+_PYDICOM_ONLY = frozenset({0x7FE00008, 0x7FE00009, 0x00283000, 0x00283010, 0x52009229, 0x52009230})
+_LONG_VRS = frozenset(
+    {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
+)
+_ITEM, _ITEM_END, _SEQUENCE_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
+_UNDEFINED = 0xFFFFFFFF
+_MAX_NESTING = 8
+_NATIVE_SYNTAXES = {ExplicitVRLittleEndian: False, ImplicitVRLittleEndian: True}  # syntax -> implicit VR
+_TEXT = frozenset(range(0x20, 0x7F))
+
+
+class _NotNative(Exception):
+    """The fast path steps aside: pydicom reads this file."""
+
+
+def _element(data: bytes, pos: int, implicit: bool) -> tuple[int, bytes | None, int, int]:
+    """(tag, VR or None, value length, value offset) of the element at ``pos``."""
+    if pos + 8 > len(data):
+        raise _NotNative
+    group, number = struct.unpack_from("<HH", data, pos)
+    tag = group << 16 | number
+    if implicit or group == 0xFFFE:  # items and delimiters carry no VR in either encoding
+        return tag, None, struct.unpack_from("<I", data, pos + 4)[0], pos + 8
+    vr = data[pos + 4 : pos + 6]
+    if vr in _LONG_VRS:
+        if pos + 12 > len(data):
+            raise _NotNative
+        return tag, vr, struct.unpack_from("<I", data, pos + 8)[0], pos + 12
+    if not vr.isalpha() or not vr.isupper():
+        raise _NotNative
+    return tag, vr, struct.unpack_from("<H", data, pos + 6)[0], pos + 8
+
+
+def _skip_sequence(data: bytes, pos: int, implicit: bool, depth: int) -> int:
+    """The offset after an undefined-length sequence whose first item starts at ``pos``."""
+    if depth > _MAX_NESTING:
+        raise _NotNative
+    while True:
+        tag, _, length, pos = _element(data, pos, True)
+        if tag == _SEQUENCE_END:
+            return pos
+        if tag != _ITEM:
+            raise _NotNative
+        if length != _UNDEFINED:
+            pos += length
+            continue
+        while True:  # an undefined-length item: its elements, up to the item delimiter
+            tag, vr, length, pos = _element(data, pos, implicit)
+            if tag == _ITEM_END:
+                break
+            if length == _UNDEFINED:
+                if vr not in (None, b"SQ", b"UN"):
+                    raise _NotNative
+                pos = _skip_sequence(data, pos, implicit or vr == b"UN", depth + 1)
+            else:
+                pos += length
+
+
+class NativeHeader:
+    """What decoding reads from a DICOM file in a native little-endian syntax, parsed with ``struct``.
+
+    It answers :func:`_value` as a pydicom Dataset does (values converted as pydicom converts
+    them), and :meth:`frame` gives what ``pixel_array`` gives; :meth:`parse` returns None for any
+    file outside the fast path (see the module doc), so pydicom judges every odd case.
+    """
+
+    def __init__(self, values: dict[str, Any], pixels: bytes, tsyntax: UID):
+        self.values, self.pixels = values, pixels
+        self.file_meta = {"TransferSyntaxUID": tsyntax}
+
+    def get(self, keyword: str, default: Any = None) -> Any:
+        return self.values.get(keyword, default)
+
+    def __contains__(self, keyword: str) -> bool:
+        return keyword in self.values
+
+    @classmethod
+    def parse(cls, data: bytes) -> NativeHeader | None:
+        try:
+            return cls._parse(data)
+        except (_NotNative, struct.error, ValueError):
+            return None
+
+    @classmethod
+    def _parse(cls, data: bytes) -> NativeHeader:
+        if data[128:132] != b"DICM":
+            raise _NotNative
+        meta, pos = {}, 132
+        while data[pos : pos + 2] == b"\x02\x00":  # the file meta, always explicit VR little endian
+            tag, _, length, pos = _element(data, pos, False)
+            if length == _UNDEFINED:
+                raise _NotNative
+            meta[tag], pos = data[pos : pos + length], pos + length
+        tsyntax = UID(meta.get(0x00020010, b"").rstrip(b"\0 ").decode("ascii"))
+        if tsyntax not in _NATIVE_SYNTAXES:
+            raise _NotNative
+        implicit = _NATIVE_SYNTAXES[tsyntax]
+        if implicit and data[pos + 4 : pos + 6].isalpha():
+            raise _NotNative  # explicit VR under an implicit syntax: pydicom's guess decides
+        raw: dict[int, tuple[bytes | None, bytes]] = {}
+        while pos < len(data):
+            tag, vr, length, pos = _element(data, pos, implicit)
+            if tag in _PYDICOM_ONLY or tag >> 16 == 0xFFFE:
+                raise _NotNative
+            if length == _UNDEFINED:
+                if tag == _PIXEL_DATA or vr not in (None, b"SQ", b"UN"):
+                    raise _NotNative  # encapsulated pixel data in a native syntax: pydicom judges
+                pos = _skip_sequence(data, pos, implicit or vr == b"UN", 0)  # UN: implicit VR inside
+                continue
+            if pos + length > len(data):
+                raise _NotNative
+            raw[tag], pos = (vr, data[pos : pos + length]), pos + length
+        if raw.get(_PIXEL_DATA, (b"UN",))[0] not in (None, b"OB", b"OW"):
+            raise _NotNative
+        values: dict[str, Any] = {"PixelData": True}
+        for keyword, (tag, vr) in _TAGS.items():
+            if tag in raw:
+                found, value = raw[tag]
+                if found is not None and found.decode() != vr:
+                    raise _NotNative
+                values[keyword] = _native_value(value, vr)
+        header = cls(values, raw[_PIXEL_DATA][1], tsyntax)
+        header._check()
+        return header
+
+    def _check(self) -> None:
+        """Only what the fast path decodes exactly as pydicom does; the rest goes to pydicom."""
+        get = self.values.get
+        if get("SamplesPerPixel") != 1 or get("PhotometricInterpretation") not in _MONOCHROME:
+            raise _NotNative
+        allocated, stored = get("BitsAllocated"), get("BitsStored")
+        if allocated not in (8, 16) or get("PixelRepresentation") not in (0, 1):
+            raise _NotNative
+        if stored is None or not 1 <= stored <= allocated:
+            raise _NotNative
+        rows, cols, frames = get("Rows"), get("Columns"), get("NumberOfFrames", 1) or 1
+        if not rows or not cols:
+            raise _NotNative
+        expected = rows * cols * frames * allocated // 8
+        if len(self.pixels) not in (expected, expected + 1):
+            raise _NotNative
+
+    def frame(self, index: int) -> np.ndarray:
+        """Frame ``index`` as ``pixel_array`` gives it: unused high bits cleared, or sign-extended."""
+        get = self.values.get
+        rows, cols, allocated = get("Rows"), get("Columns"), get("BitsAllocated")
+        dtype = np.dtype(("<i" if get("PixelRepresentation") else "<u") + str(allocated // 8))
+        count = rows * cols
+        pixels = np.frombuffer(self.pixels, dtype, count=count, offset=index * count * dtype.itemsize)
+        shift = allocated - get("BitsStored")
+        if shift:
+            pixels = np.right_shift(np.left_shift(pixels, shift), shift)
+        return pixels.reshape(rows, cols)
+
+
+def _native_value(value: bytes, vr: str) -> Any:
+    """``value`` as pydicom converts it (empty: None), or _NotNative where that is not plain."""
+    if vr == "US":
+        if len(value) != 2:
+            raise _NotNative
+        return struct.unpack("<H", value)[0]
+    text = value.rstrip(b"\0") if vr == "UI" else value
+    if not set(text) <= _TEXT:
+        raise _NotNative  # another character set, control characters, NUL: pydicom's conversion decides
+    text = text.decode("ascii").strip()
+    if not text:
+        return None
+    if "\\" in text:  # several values: pydicom's MultiValue, for the DS values decoding reads
+        if vr != "DS":
+            raise _NotNative
+        values = [v.strip() for v in text.split("\\")]
+        for v in values:
+            float(v)
+        return values
+    if vr == "IS":
+        if not text.isdigit():
+            raise _NotNative
+        return int(text)
+    if vr == "DS":
+        float(text)  # what pydicom would keep as text goes to pydicom
+    return text
 
 
 # --------------------------------------------------------------------------- PNG / JPEG
