@@ -56,18 +56,25 @@ class Faults:
         return None
 
 
-class _Proxy(ThreadingHTTPServer):
+class LocalServer(ThreadingHTTPServer):
+    """An HTTP server on a free port of 127.0.0.1, one daemon thread per connection."""
+
     daemon_threads = True
 
-    def __init__(self, upstream: str, faults: Faults) -> None:
-        super().__init__(("127.0.0.1", 0), _Handler)
-        self.upstream = urlsplit(upstream).netloc
-        self.faults = faults
-        self.requests = 0
+    def __init__(self, handler: type[BaseHTTPRequestHandler]) -> None:
+        super().__init__(("127.0.0.1", 0), handler)
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.server_port}"
+
+
+class _Proxy(LocalServer):
+    def __init__(self, upstream: str, faults: Faults) -> None:
+        super().__init__(_Handler)
+        self.upstream = urlsplit(upstream).netloc
+        self.faults = faults
+        self.requests = 0
 
 
 class _Handler(BaseHTTPRequestHandler):

@@ -11,28 +11,23 @@ import ssl
 import subprocess
 import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 
 import pytest
 
 from mmpipe import store
 from mmpipe.store import BACKOFF_CAP, GetFailed, Getter, backoff
+from tests.faults.proxy import LocalServer
 
 
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-
+class _Server(LocalServer):
     def __init__(self) -> None:
-        super().__init__(("127.0.0.1", 0), _Handler)
+        super().__init__(_Handler)
         self.script: list[tuple[int, bytes]] = []  # answers to give, in order; then 200 b"ok"
         self.requests: list[str] = []
         self.proxy_auth: list[str | None] = []
         self.close_after_each = False
         self.truncate = 0  # answers to cut short
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.server_port}"
 
 
 class _Handler(BaseHTTPRequestHandler):
