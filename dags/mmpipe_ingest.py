@@ -4,8 +4,10 @@
 Lists objects under `prefix` (default `training/<class>/...`) that the catalog has not seen by
 key + ETag, fans out one mapped task per batch (download, expand archives, decode DICOM/PNG/JPEG,
 pseudonymise, write shards to `curated/`), proves that every listed object ended ingested,
-duplicate or quarantined, then runs the Great Expectations batch suite. A batch failing a
-critical expectation fails `validate` and is excluded from training; nothing is deleted.
+duplicate or quarantined, then runs the Great Expectations batch suite: images failing a
+per-image rule are excluded alone; a rule failing more than its threshold (or class collapse)
+fails `validate` and excludes the batch; nothing is deleted. `validate` also re-evaluates what
+earlier runs excluded (a fixed manifest or setting re-admits what passes now).
 `sweep` then deletes curated shards and quarantine records no catalog row references, once
 older than `orphan_grace_hours` (left by batches killed before their commit). A rerun with
 nothing new does nothing.

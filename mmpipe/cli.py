@@ -146,9 +146,39 @@ def format_release(release: dict[str, Any]) -> str:
 
 
 def cmd_validate(args: argparse.Namespace) -> None:
-    from mmpipe import pipeline
+    """Validate an ingest run and show each rule's verdict; a failed batch still prints, then exits 2."""
+    from mmpipe import dataset, pipeline
 
-    _print(pipeline.validate_ingest(args.run_id))
+    try:
+        summary, failure = dataset.validate_ingest(*pipeline.connect(), args.run_id), None
+    except dataset.ValidationFailed as exc:
+        summary, failure = exc.summary, exc
+    if getattr(args, "json", False):
+        _print(summary)
+    else:
+        print(format_validation(summary))
+    if failure:
+        raise failure
+
+
+def format_validation(summary: dict[str, Any]) -> str:
+    """The rule table of a validation summary: what failed, how much, against which threshold."""
+    if not summary.get("images"):
+        return f"run {summary['run_id']}: no images to validate ({len(summary.get('readmitted', []))} re-admitted)"
+    header = f"{'rule':<24} {'failing':>7} {'share':>7} {'threshold':>9}  {'verdict':<16} examples"
+    lines = [header, "-" * len(header)]
+    for r in summary["rules"]:
+        share = f"{r['share']:.1%}" if r["share"] is not None else "-"
+        threshold = f"{r['threshold']:.1%}" if r["threshold"] is not None else "-"
+        row = f"{r['rule']:<24} {r['failing']:>7} {share:>7} {threshold:>9}  {r['verdict']:<16} "
+        lines.append((row + ", ".join(r["examples"])).rstrip())
+    verdict = "passed" if summary["success"] else "FAILED"
+    lines.append(
+        f"run {summary['run_id']} {verdict}: {summary['images']} images, {summary['images_active']} may train, "
+        f"{summary['images_excluded']} excluded, {len(summary['readmitted'])} earlier exclusions re-admitted"
+    )
+    lines.append(f"Data Docs: {summary['docs_uri']}")
+    return "\n".join(lines)
 
 
 def cmd_dataset(args: argparse.Namespace) -> None:
@@ -193,13 +223,19 @@ def cmd_score(args: argparse.Namespace) -> None:
 
 def cmd_weights(args: argparse.Namespace) -> None:
     from mmpipe import models, pipeline, weights
+    from mmpipe.errors import ConfigError
 
     if args.action == "export-reference":
         models.export_reference_weights(args.backbone, Path(args.file))
         print(f"wrote seeded random-init reference weights for {args.backbone} to {args.file}")
         return
+    if args.from_package and args.layout:
+        raise ConfigError("--layout applies to a FILE; --from-package knows its package's layout")
     _, store, _ = pipeline.connect()
-    _print(weights.import_weights(store, args.backbone, Path(args.file)))
+    if args.from_package:
+        _print(weights.import_packaged(store, args.backbone))
+    else:
+        _print(weights.import_weights(store, args.backbone, Path(args.file), layout=args.layout))
 
 
 def cmd_leaderboard(args: argparse.Namespace) -> None:
@@ -283,6 +319,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     val = sub.add_parser("validate", help="run the GX batch suite over an ingest run")
     val.add_argument("--run-id", required=True)
+    # SUPPRESS: a global --json (if the parser has one) is not reset by this subcommand's default
+    val.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="the summary as JSON")
     val.set_defaults(fn=cmd_validate)
 
     ds = sub.add_parser("dataset", help="splits, frozen test snapshots and training plans")
@@ -323,14 +361,21 @@ def build_parser() -> argparse.ArgumentParser:
     wt = sub.add_parser("weights", help="the pretrained-weights registry").add_subparsers(
         dest="action", required=True
     )
-    for action, text in (
-        ("import", "verify and register a local weights file"),
-        ("export-reference", "write seeded random-init weights (to exercise the import path)"),
-    ):
-        p = wt.add_parser(action, help=text)
-        p.add_argument("backbone")
-        p.add_argument("file")
-        p.set_defaults(fn=cmd_weights)
+    imp = wt.add_parser("import", help="verify (strictly) and register a local or packaged weights file")
+    imp.add_argument("backbone")
+    source = imp.add_mutually_exclusive_group(required=True)
+    source.add_argument("file", nargs="?", help=".safetensors or .pth/.pt/.bin state dict")
+    source.add_argument("--from-package", action="store_true", help="the file an installed package ships")
+    imp.add_argument(
+        "--layout", help="key layout of FILE: native, torchvision or efficientnet_pytorch (default: detected)"
+    )
+    imp.set_defaults(fn=cmd_weights)
+    ref = wt.add_parser(
+        "export-reference", help="write seeded random-init weights (to exercise the import path)"
+    )
+    ref.add_argument("backbone")
+    ref.add_argument("file")
+    ref.set_defaults(fn=cmd_weights, from_package=False, layout=None)
 
     lb = sub.add_parser("leaderboard", help="evaluations, newest first")
     lb.add_argument("--limit", type=int, default=20)

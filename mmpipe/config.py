@@ -72,6 +72,21 @@ class Settings(BaseSettings):
         "replicate", description="Grayscale to 3 channels in new plans (a candidate may override it)."
     )
     min_train_per_class: int = Field(5, ge=1, description="Dataset gate: fewest training images per class.")
+    # Batch validation (see mmpipe.validate): per-image rules exclude failing images; a batch fails only
+    # when a rule's passing share falls below its threshold (GX's ``mostly``).
+    validation_mostly: float = Field(
+        0.98, gt=0, le=1, description="Share of a batch's images every per-image rule must pass."
+    )
+    validation_rule_mostly: dict[str, float] = Field(
+        default_factory=dict,
+        description='Per-rule thresholds overriding validation_mostly, e.g. {"not_blank": 0.95}.',
+    )
+    validation_max_class_share: float = Field(
+        0.9,
+        gt=0,
+        le=1,
+        description="Class collapse: largest share one class may take of a batch of 50+ images.",
+    )
     # Ingest labels (see mmpipe.labels): manifests beside the data, then training/<class>/, then header rules.
     label_manifest_names: tuple[str, ...] = Field(
         ("labels.csv", "labels.json"), description="File names that are label manifests, not data."

@@ -184,6 +184,8 @@ def image_row(obj: ObjectInfo, member: str, decoded: Decoded, label: Label, salt
         "orig_rows": decoded.orig_rows,
         "orig_cols": decoded.orig_cols,
         "bits_stored": decoded.bits_stored,
+        "bits_allocated": decoded.bits_allocated,
+        "float_pixels": decoded.float_pixels,
         "pixel_mean": float(pixels.mean()),
         "pixel_std": float(pixels.std()),
     }

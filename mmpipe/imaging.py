@@ -207,6 +207,8 @@ class Decoded:
     patient_id: str | None = None
     study_uid: str | None = None
     accession: str | None = None
+    bits_allocated: int = 0  # the container per sample (DICOM BitsAllocated); 0 when the header lacks it
+    float_pixels: bool = False  # Float/Double Float Pixel Data
 
 
 # --------------------------------------------------------------------------- sniffing
@@ -493,6 +495,8 @@ def _decode_dicom(data: bytes, size: int, limits: Limits) -> Decoded:
         patient_id=_text(ds, "PatientID"),
         study_uid=_text(ds, "StudyInstanceUID"),
         accession=_text(ds, "AccessionNumber"),
+        bits_allocated=_int(ds, "BitsAllocated", default=0),
+        float_pixels="PixelData" not in ds,
     )
 
 
@@ -845,7 +849,13 @@ def _decode_raster(data: bytes, kind: str, size: int, limits: Limits) -> Decoded
         bits_stored=bits,
         photometric=photometric,
         transfer_syntax=None,
+        bits_allocated=_raster_container(bits),
     )
+
+
+def _raster_container(bits: int) -> int:
+    """The sample container of a PNG/JPEG sample of ``bits`` (a 12-bit JPEG sample decodes to 16 bits)."""
+    return bits if bits in (1, 8, 16, 32) else 8 * -(-bits // 8)
 
 
 def _pillow_raster(image: Image.Image, kind: str, limits: Limits) -> tuple[np.ndarray, str, int]:

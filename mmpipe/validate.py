@@ -3,16 +3,20 @@
 Why GX rather than pandas asserts: the expectation suites, their results and the HTML Data Docs form an
 auditable record per run that a reviewer can open without reading code. Each call builds a throwaway
 ephemeral GX context whose only Data Docs site is a temporary directory, so nothing persists between calls
-and concurrent calls share no state; the site is read back into memory for the caller to upload.
+and concurrent calls share no state; every suite runs through a GX Checkpoint whose UpdateDataDocsAction
+builds the site, named by the caller's run (the Airflow run id) and data asset (the ingest prefix). The
+site is read back into memory, pointed at front-end files shipped with mmpipe (:func:`offline_site`).
 
-Severity lives in each expectation's ``meta`` (and GX's own ``severity`` field): a failed *critical*
-expectation fails the report and, when it is row-level, names the images to quarantine; a *warning* is
-recorded but never blocks.
+Per-image rules judge single images: an image failing one is excluded from training alone, and the
+batch fails only when a rule's failing share exceeds its threshold (GX's own ``mostly``, so Data Docs
+show the share and the failing examples). Batch rules (class collapse) and dataset rules (leakage,
+images per class) are critical as a whole. A *warning* is recorded but never blocks.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 import tempfile
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
@@ -31,8 +35,22 @@ logger = logging.getLogger(__name__)
 
 SEVERITIES = ("critical", "warning")
 SPLITS = ("train", "val", "test")
-#: How many unexpected ids/values a Check's detail keeps (the full list of critical ids is in the report).
+#: How many unexpected ids/values a Check's detail keeps (the full per-rule lists are in the report).
 SAMPLE = 10
+#: Rules judged per image: a failing image is excluded alone; the batch fails past the rule's threshold.
+IMAGE_RULES = (
+    "label_in_classes",
+    "rows_in_range",
+    "cols_in_range",
+    "bit_depth_consistent",
+    "not_blank",
+    "patient_key_present",
+)
+#: The share of a batch's images each per-image rule must pass unless configured otherwise.
+DEFAULT_MOSTLY = 0.98
+#: Largest BitsAllocated for grayscale integer samples, and for floating point or colour ones.
+MAX_BITS, MAX_BITS_FLOAT_OR_COLOUR = 16, 32
+CONSISTENT = "consistent"
 
 DEFAULT_MODALITY_FOR_CLASS: dict[str, tuple[str, ...]] = {
     "brain_mri": ("MR",),
@@ -48,35 +66,50 @@ BATCH_COLUMNS = (
     "orig_rows",
     "orig_cols",
     "bits_stored",
+    "bits_allocated",
+    "float_pixels",
+    "photometric",
     "pixel_std",
-    "content_hash",
     "patient_key",
     "modality",
 )
 #: Columns the decoder computes for every image: a null or non-number there is an ingest bug, not bad data.
-_COMPUTED_NUMERIC = ("orig_rows", "orig_cols", "bits_stored", "pixel_std")
+_COMPUTED_NUMERIC = ("orig_rows", "orig_cols", "bits_stored", "bits_allocated", "pixel_std")
 _DATASET_COLUMNS = ("image_id", "label", "patient_key", "split")
 _SITE = "mmpipe_site"
+_COLOUR = ("RGB", "YBR", "PALETTE")
 
 
 @dataclass(frozen=True)
 class Check:
-    """The outcome of one expectation, named for humans and the catalog."""
+    """The outcome of one expectation, named for humans and the catalog.
+
+    ``scope`` is ``image`` for per-image rules (``threshold`` is their ``mostly``), else ``batch`` or
+    ``dataset``: a rule about the whole, whose failure is the whole's.
+    """
 
     name: str
     severity: str
     success: bool
     detail: dict
+    scope: str = "batch"
+    threshold: float | None = None
 
 
 @dataclass(frozen=True)
 class ValidationReport:
-    """One suite run: ``success`` iff no critical check failed; ``docs`` is the Data Docs site by path."""
+    """One suite run: ``success`` iff no critical check failed; ``docs`` is the Data Docs site by path.
+
+    ``image_failures`` names, per rule, every image failing a per-image rule (whether or not the rule's
+    share stayed within its threshold) or a failed critical dataset rule; ``failed_image_ids`` is their
+    union in input order.
+    """
 
     suite: str
     success: bool
     checks: list[Check]
     failed_image_ids: list[str]
+    image_failures: dict[str, list[str]]
     docs: dict[str, bytes] = field(repr=False)
 
     def to_json(self) -> dict:
@@ -96,13 +129,21 @@ class ValidationReport:
 
 @dataclass(frozen=True)
 class BatchRules:
-    """What an ingested batch must satisfy; ``std_floor`` is on the uint8 canonical image."""
+    """What an ingested batch must satisfy; ``std_floor`` is on the uint8 canonical image.
+
+    ``mostly`` is every per-image rule's threshold unless ``rule_mostly`` names the rule. Class
+    collapse is judged only on batches of at least ``min_images_for_share`` images: a small night
+    may well hold one modality only.
+    """
 
     classes: tuple[str, ...]
     min_side: int = 32
     max_side: int = 8192
-    bits: tuple[int, ...] = (8, 10, 12, 14, 16)
     std_floor: float = 2.0
+    mostly: float = DEFAULT_MOSTLY
+    rule_mostly: Mapping[str, float] = field(default_factory=dict)
+    max_class_share: float = 0.9
+    min_images_for_share: int = 50
     modality_for_class: dict[str, tuple[str, ...]] = field(
         default_factory=lambda: dict(DEFAULT_MODALITY_FOR_CLASS)
     )
@@ -113,8 +154,17 @@ class BatchRules:
             raise ValueError(
                 f"BatchRules needs 0 < min_side <= max_side, got {self.min_side}..{self.max_side}"
             )
-        if not self.bits:
-            raise ValueError("BatchRules.bits is empty")
+        unknown = sorted(set(self.rule_mostly) - set(IMAGE_RULES))
+        if unknown:
+            raise ValueError(f"no per-image rule named {', '.join(unknown)}; rules: {', '.join(IMAGE_RULES)}")
+        for name, value in {"mostly": self.mostly, **self.rule_mostly}.items():
+            if not 0 < value <= 1:
+                raise ValueError(f"threshold {name} must be within (0, 1], got {value}")
+        if not 0 < self.max_class_share <= 1:
+            raise ValueError(f"max_class_share must be within (0, 1], got {self.max_class_share}")
+
+    def threshold(self, rule: str) -> float:
+        return self.rule_mostly.get(rule, self.mostly)
 
 
 @dataclass(frozen=True)
@@ -122,6 +172,7 @@ class _Part:
     """One DataFrame validated against one GX suite; ``key`` is the column that names its rows."""
 
     name: str
+    asset: str
     frame: pd.DataFrame
     key: str
     expectations: list[Expectation]
@@ -138,17 +189,58 @@ def _gx_expectations() -> ModuleType:
     return gxe
 
 
-def _expect(cls: type[Expectation], check: str, severity: str, **kwargs: Any) -> Expectation:
-    """A GX expectation tagged with our check name and severity; extra ``meta`` lands in the Check detail."""
-    meta = {"check": check, "severity": severity, **kwargs.pop("meta", {})}
+def _expect(
+    cls: type[Expectation], check: str, severity: str, scope: str = "batch", **kwargs: Any
+) -> Expectation:
+    """A GX expectation tagged with our check name, severity and scope; extra ``meta`` lands in the detail."""
+    meta = {"check": check, "severity": severity, "scope": scope, **kwargs.pop("meta", {})}
     return cls(meta=meta, severity=severity, **kwargs)
 
 
-def validate_batch(rows: pd.DataFrame, rules: BatchRules) -> ValidationReport:
-    """Validate one ingested batch of catalog rows before its images may reach training."""
-    _check_input(rows, BATCH_COLUMNS, numeric=_COMPUTED_NUMERIC, non_null=("content_hash",))
+def bit_depth_problem(stored: Any, allocated: Any, photometric: Any, float_pixels: Any) -> str:
+    """``consistent`` when 1 <= BitsStored <= BitsAllocated <= 16 (32 for float or colour samples),
+    else what is wrong, in words a data team can act on."""
+    wide = bool(float_pixels) or str(photometric or "").startswith(_COLOUR)
+    ceiling = MAX_BITS_FLOAT_OR_COLOUR if wide else MAX_BITS
+    stored, allocated = int(stored), int(allocated)
+    if stored < 1:
+        return f"BitsStored {stored} < 1"
+    if stored > allocated:
+        return f"BitsStored {stored} > BitsAllocated {allocated}"
+    if allocated > ceiling:
+        kind = "float or colour" if wide else "grayscale integer"
+        return f"BitsAllocated {allocated} > {ceiling} ({kind})"
+    return CONSISTENT
+
+
+def validate_batch(
+    rows: pd.DataFrame,
+    rules: BatchRules,
+    *,
+    run_name: str | None = None,
+    asset: str = "catalog_rows",
+    docs: bool = True,
+) -> ValidationReport:
+    """Validate one ingested batch of catalog rows before its images may reach training.
+
+    ``run_name`` (the Airflow run id) and ``asset`` (the ingest prefix) name the result in Data
+    Docs; ``docs=False`` skips building them (re-evaluating earlier exclusions needs verdicts only).
+    """
+    _check_input(rows, BATCH_COLUMNS, numeric=_COMPUTED_NUMERIC, non_null=("label",))
     gxe = _gx_expectations()
     frame = rows[list(BATCH_COLUMNS)].copy()
+    frame["patient_key"] = frame["patient_key"].where(frame["patient_key"].fillna("") != "", None)
+    frame["bit_depth"] = [
+        bit_depth_problem(*values)
+        for values in zip(
+            frame["bits_stored"], frame["bits_allocated"], frame["photometric"], frame["float_pixels"],
+            strict=True,
+        )
+    ]  # fmt: skip
+    # Each image carries its class's share of the batch, so GX can judge collapse on the image rows;
+    # too small a batch carries none (GX leaves nulls out).
+    share = frame["label"].map(frame["label"].value_counts(normalize=True))
+    frame["class_share"] = share if len(frame) >= rules.min_images_for_share else np.nan
     # Only labels with known modalities are compared; GX's column-pair row_condition is not applied to
     # the unexpected rows (GX 1.24, pandas), so the exclusion is a derived column instead.
     known = frame["label"].isin(list(rules.modality_for_class))
@@ -156,43 +248,35 @@ def validate_batch(rows: pd.DataFrame, rules: BatchRules) -> ValidationReport:
     counts = {c: int((frame["label"] == c).sum()) for c in rules.classes}
     pairs = [(c, m) for c, mods in rules.modality_for_class.items() for m in mods]
     crit, warn = "critical", "warning"
+
+    def image_rule(cls: type[Expectation], name: str, **kwargs: Any) -> Expectation:
+        return _expect(cls, name, crit, "image", mostly=rules.threshold(name), **kwargs)
+
     expectations = [
-        _expect(gxe.ExpectColumnValuesToNotBeNull, "label_not_null", crit, column="label"),
-        _expect(
-            gxe.ExpectColumnValuesToBeInSet,
-            "label_in_classes",
-            crit,
-            column="label",
-            value_set=list(rules.classes),
-        ),
+        image_rule(gxe.ExpectColumnValuesToBeInSet, "label_in_classes", column="label", value_set=list(rules.classes)),
         *(
-            _expect(
+            image_rule(
                 gxe.ExpectColumnValuesToBeBetween,
                 f"{side}_in_range",
-                crit,
                 column=f"orig_{side}",
                 min_value=rules.min_side,
                 max_value=rules.max_side,
             )
             for side in ("rows", "cols")
         ),
-        _expect(
-            gxe.ExpectColumnValuesToBeInSet,
-            "bits_stored_allowed",
-            crit,
-            column="bits_stored",
-            value_set=list(rules.bits),
+        image_rule(gxe.ExpectColumnValuesToBeInSet, "bit_depth_consistent", column="bit_depth", value_set=[CONSISTENT]),
+        image_rule(
+            gxe.ExpectColumnValuesToBeBetween, "not_blank", column="pixel_std", min_value=rules.std_floor, strict_min=True
         ),
+        image_rule(gxe.ExpectColumnValuesToNotBeNull, "patient_key_present", column="patient_key"),
         _expect(
             gxe.ExpectColumnValuesToBeBetween,
-            "not_blank",
+            "class_collapse",
             crit,
-            column="pixel_std",
-            min_value=rules.std_floor,
-            strict_min=True,
+            column="class_share",
+            max_value=rules.max_class_share,
+            meta={"class_counts": counts, "min_images": rules.min_images_for_share},
         ),
-        _expect(gxe.ExpectColumnValuesToBeUnique, "content_hash_unique", crit, column="content_hash"),
-        _expect(gxe.ExpectColumnValuesToNotBeNull, "patient_key_not_null", crit, column="patient_key"),
         _expect(
             gxe.ExpectColumnPairValuesToBeInSet,
             "modality_matches_label",
@@ -210,12 +294,12 @@ def validate_batch(rows: pd.DataFrame, rules: BatchRules) -> ValidationReport:
             value_set=list(rules.classes),
             meta={"class_counts": counts},
         ),
-    ]
-    return _run("batch", [_Part("mmpipe_batch", frame, "image_id", expectations)])
+    ]  # fmt: skip
+    return _run("batch", [_Part("mmpipe_batch", asset, frame, "image_id", expectations)], run_name, docs)
 
 
 def validate_dataset(
-    rows: pd.DataFrame, classes: tuple[str, ...], min_per_class: int = 5
+    rows: pd.DataFrame, classes: tuple[str, ...], min_per_class: int = 5, *, run_name: str | None = None
 ) -> ValidationReport:
     """Validate the split dataset before training: enough data per class, and no patient in two splits."""
     _check_classes(classes)
@@ -233,41 +317,36 @@ def validate_dataset(
     per_class = pd.DataFrame({"label": list(classes), **{f"n_{s}": table[s].to_numpy() for s in SPLITS}})
     split_counts = {c: {s: int(table.at[c, s]) for s in SPLITS} for c in classes}
     crit = "critical"
+
+    def rule(cls: type[Expectation], name: str, **kwargs: Any) -> Expectation:
+        return _expect(cls, name, crit, "dataset", **kwargs)
+
     image_checks = [
-        _expect(
-            gxe.ExpectColumnValuesToBeInSet, "split_in_set", crit, column="split", value_set=list(SPLITS)
-        ),
-        _expect(
-            gxe.ExpectColumnValuesToBeInSet, "label_in_classes", crit, column="label", value_set=list(classes)
-        ),
-        _expect(gxe.ExpectColumnValuesToNotBeNull, "patient_key_not_null", crit, column="patient_key"),
-        _expect(
-            gxe.ExpectColumnValuesToBeBetween,
-            "no_patient_leakage",
-            crit,
-            column="patient_split_count",
-            max_value=1,
+        rule(gxe.ExpectColumnValuesToBeInSet, "split_in_set", column="split", value_set=list(SPLITS)),
+        rule(gxe.ExpectColumnValuesToBeInSet, "label_in_classes", column="label", value_set=list(classes)),
+        rule(gxe.ExpectColumnValuesToNotBeNull, "patient_key_not_null", column="patient_key"),
+        rule(
+            gxe.ExpectColumnValuesToBeBetween, "no_patient_leakage", column="patient_split_count", max_value=1
         ),
     ]
     class_checks = [
-        _expect(
+        rule(
             gxe.ExpectColumnValuesToBeBetween,
             "train_min_per_class",
-            crit,
             column="n_train",
             min_value=min_per_class,
             meta={"split_counts": split_counts},
         ),
-        _expect(
-            gxe.ExpectColumnValuesToBeBetween, "test_nonempty_per_class", crit, column="n_test", min_value=1
-        ),
+        rule(gxe.ExpectColumnValuesToBeBetween, "test_nonempty_per_class", column="n_test", min_value=1),
     ]
     return _run(
         "dataset",
         [
-            _Part("mmpipe_dataset_images", frame, "image_id", image_checks),
-            _Part("mmpipe_dataset_classes", per_class, "label", class_checks),
+            _Part("mmpipe_dataset_images", "dataset_images", frame, "image_id", image_checks),
+            _Part("mmpipe_dataset_classes", "dataset_classes", per_class, "label", class_checks),
         ],
+        run_name,
+        docs=True,
     )
 
 
@@ -326,58 +405,82 @@ def _context(site_dir: Path) -> EphemeralDataContext:
     return gx.get_context(mode="ephemeral", project_config=config)
 
 
-def _run(suite: str, parts: list[_Part]) -> ValidationReport:
+def _run(suite: str, parts: list[_Part], run_name: str | None, docs: bool) -> ValidationReport:
+    """Each part through a GX Checkpoint named for the run; its UpdateDataDocsAction builds the site."""
     import great_expectations as gx
+    from great_expectations.core.run_identifier import RunIdentifier
+
+    from mmpipe.datadocs import NamedAssetDataDocsAction, offline_site
 
     checks: list[Check] = []
-    failed: set[str] = set()
+    failures: dict[str, list[str]] = {}
     with tempfile.TemporaryDirectory(prefix="mmpipe-gx-") as tmp:
         site_dir = Path(tmp)
         context = _context(site_dir)
         source = context.data_sources.add_pandas("catalog_rows")
         for part in parts:
-            batch = source.add_dataframe_asset(part.name).add_batch_definition_whole_dataframe("whole")
+            asset = source.add_dataframe_asset(_key_safe(part.asset))
+            batch = asset.add_batch_definition_whole_dataframe(part.name)
             gx_suite = context.suites.add(gx.ExpectationSuite(name=part.name, expectations=part.expectations))
             definition = context.validation_definitions.add(
                 gx.ValidationDefinition(name=part.name, data=batch, suite=gx_suite)
             )
-            result = definition.run(
-                batch_parameters={"dataframe": part.frame},
-                result_format={
-                    "result_format": "COMPLETE",
-                    "unexpected_index_column_names": [part.key],
-                    "return_unexpected_index_query": False,
-                },
+            checkpoint = context.checkpoints.add(
+                gx.Checkpoint(
+                    name=part.name,
+                    validation_definitions=[definition],
+                    actions=[NamedAssetDataDocsAction(name="data_docs", site_names=[_SITE])] if docs else [],
+                    result_format={
+                        "result_format": "COMPLETE",
+                        "unexpected_index_column_names": [part.key],
+                        "return_unexpected_index_query": False,
+                    },
+                )
             )
+            outcome = checkpoint.run(
+                batch_parameters={"dataframe": part.frame},
+                run_id=RunIdentifier(run_name=_key_safe(run_name) if run_name else None),
+            )
+            (result,) = outcome.run_results.values()
             by_name = {r.expectation_config.meta["check"]: r for r in result.results}
             for expectation in part.expectations:
                 check, keys = _to_check(by_name[expectation.meta["check"]], part.key)
                 checks.append(check)
-                if part.key == "image_id" and check.severity == "critical" and not check.success:
-                    failed.update(keys)
-        context.build_data_docs(site_names=[_SITE])
-        docs = {
+                dataset_failure = (
+                    check.scope == "dataset" and check.severity == "critical" and not check.success
+                )
+                if part.key == "image_id" and keys and (check.scope == "image" or dataset_failure):
+                    failures[check.name] = keys
+        site = {
             p.relative_to(site_dir).as_posix(): p.read_bytes() for p in site_dir.rglob("*") if p.is_file()
         }
-    # Report in input order so quarantine lists are stable and diffable.
+    failed = {i for ids in failures.values() for i in ids}
+    # Report in input order so exclusion lists are stable and diffable.
     failed_ids = [i for i in parts[0].frame["image_id"] if i in failed]
     n_failed = {s: sum(c.severity == s and not c.success for c in checks) for s in SEVERITIES}
     logger.info(
-        "%s validation: %d check(s), %d critical failure(s), %d warning(s), %d image(s) failed",
+        "%s validation: %d check(s), %d critical failure(s), %d warning(s), %d image(s) failing a rule",
         suite,
         len(checks),
         n_failed["critical"],
         n_failed["warning"],
         len(failed_ids),
     )
-    return ValidationReport(suite, n_failed["critical"] == 0, checks, failed_ids, docs)
+    return ValidationReport(
+        suite, n_failed["critical"] == 0, checks, failed_ids, failures, offline_site(site) if site else {}
+    )
+
+
+def _key_safe(name: str) -> str:
+    """A run or asset name as GX's filesystem site keys accept it (no slashes): ``training/`` -> ``training``."""
+    return re.sub(r"[/\\]+", "-", name.strip("/\\")) or "-"
 
 
 def _to_check(result: Any, key: str) -> tuple[Check, list]:
     """Our Check from one GX expectation result, plus every unexpected ``key`` value (row-level only)."""
     config = result.expectation_config
     meta = dict(config.meta)
-    name, severity = meta.pop("check"), meta.pop("severity")
+    name, severity, scope = meta.pop("check"), meta.pop("severity"), meta.pop("scope")
     raw = result.result or {}
     keys = [row[key] for row in raw.get("unexpected_index_list") or []]
     detail: dict[str, Any] = {"expectation": config.type, **meta}
@@ -392,7 +495,9 @@ def _to_check(result: Any, key: str) -> tuple[Check, list]:
     error = _exception_message(result.exception_info)
     if error:
         detail["error"] = error
-    return Check(name=name, severity=severity, success=bool(result.success), detail=_jsonable(detail)), keys
+    threshold = config.kwargs.get("mostly") if scope == "image" else None
+    check = Check(name, severity, bool(result.success), _jsonable(detail), scope, threshold)
+    return check, keys
 
 
 def _exception_message(info: Any) -> str | None:

@@ -3,23 +3,26 @@
 from __future__ import annotations
 
 import json
+import posixpath
+import re
 
 import pandas as pd
 import pytest
 
 from mmpipe.config import CLASSES
-from mmpipe.validate import BatchRules, ValidationReport, validate_batch, validate_dataset
+from mmpipe.validate import (
+    IMAGE_RULES,
+    BatchRules,
+    ValidationReport,
+    bit_depth_problem,
+    validate_batch,
+    validate_dataset,
+)
 
 MODALITY = {"brain_mri": "MR", "chest_xray": "DX", "retinal_oct": None, "lung_ct": "CT", "liver_ct": "CT"}
 BATCH_CHECKS = {
-    "label_not_null",
-    "label_in_classes",
-    "rows_in_range",
-    "cols_in_range",
-    "bits_stored_allowed",
-    "not_blank",
-    "content_hash_unique",
-    "patient_key_not_null",
+    *IMAGE_RULES,
+    "class_collapse",
     "modality_matches_label",
     "class_counts",
 }
@@ -33,8 +36,8 @@ DATASET_CHECKS = {
 }
 
 
-def batch(per_class: int = 3) -> pd.DataFrame:
-    """A clean batch: every class present; retinal OCT arrives as PNG, so without a Modality header."""
+def batch(per_class: int = 20) -> pd.DataFrame:
+    """A clean batch of 100 images: every class present; retinal OCT arrives as PNG (no Modality header)."""
     rows = []
     for label in CLASSES:
         for _ in range(per_class):
@@ -46,9 +49,10 @@ def batch(per_class: int = 3) -> pd.DataFrame:
                     "orig_rows": 512,
                     "orig_cols": 480,
                     "bits_stored": 8 if MODALITY[label] is None else 12,
-                    "pixel_mean": 90.0,
+                    "bits_allocated": 8 if MODALITY[label] is None else 16,
+                    "float_pixels": False,
+                    "photometric": "RGB" if MODALITY[label] is None else "MONOCHROME2",
                     "pixel_std": 30.0 + i,
-                    "content_hash": f"{i:064x}",
                     "patient_key": f"pt-{i // 2}",
                     "modality": MODALITY[label],
                 }
@@ -90,84 +94,110 @@ def test_clean_batch_passes_every_check(rules):
     assert report.suite == "batch"
     assert {c.name for c in report.checks} == BATCH_CHECKS
     assert [c.name for c in report.checks if not c.success] == []
-    assert report.success and report.failed_image_ids == []
+    assert report.success and report.failed_image_ids == [] and report.image_failures == {}
     assert rows["modality"].isna().any()  # a null Modality header must pass the consistency check
-    assert check(report, "class_counts").detail["class_counts"] == {c: 3 for c in CLASSES}
+    assert check(report, "class_counts").detail["class_counts"] == {c: 20 for c in CLASSES}
     assert {c.severity for c in report.checks if c.name in {"modality_matches_label", "class_counts"}} == {
         "warning"
     }
+    assert {c.threshold for c in report.checks if c.scope == "image"} == {0.98}
 
 
-def _blank(rows):
-    rows.loc[2, "pixel_std"] = 0.4
-    return ["img-002"]
+DEFECTS = {
+    "label_in_classes": ("label", "knee_mri"),  # a class the batch was labelled with, not configured
+    "rows_in_range": ("orig_rows", 16),
+    "cols_in_range": ("orig_cols", 9000),
+    "bit_depth_consistent": ("bits_stored", 17),  # more bits stored than the 16 allocated
+    "not_blank": ("pixel_std", 0.4),
+    "patient_key_present": ("patient_key", None),
+}
 
 
-def _wrong_label(rows):
-    rows.loc[4, "label"] = "abdominal_us"
-    return ["img-004"]
+def spoil(rows: pd.DataFrame, rule: str, n: int) -> list[str]:
+    """Give ``n`` images spread over the batch the defect that ``rule`` catches; their ids."""
+    column, value = DEFECTS[rule]
+    index = rows.index[3 :: len(rows) // n][:n]
+    rows.loc[index, column] = value
+    return list(rows.loc[index, "image_id"])
 
 
-def _null_label(rows):
-    rows.loc[5, "label"] = None
-    return ["img-005"]
+@pytest.mark.parametrize("rule", IMAGE_RULES)
+def test_one_percent_failing_excludes_only_those_images(rules, rule):
+    rows = batch()
+    bad = spoil(rows, rule, 1)
+    report = validate_batch(rows, rules)
+    assert report.success and report.failures("critical") == []
+    assert report.image_failures == {rule: bad} and report.failed_image_ids == bad
+    judged = check(report, rule)
+    assert judged.success and judged.scope == "image" and judged.threshold == 0.98
+    assert judged.detail["unexpected_count"] == 1 and judged.detail["unexpected_percent"] == pytest.approx(
+        1.0
+    )
+    assert judged.detail["unexpected_image_ids"] == bad
 
 
-def _duplicate_hash(rows):
-    rows.loc[7, "content_hash"] = rows.loc[1, "content_hash"]
-    return ["img-001", "img-007"]
+@pytest.mark.parametrize("rule", IMAGE_RULES)
+def test_five_percent_failing_fails_the_batch(rules, rule):
+    rows = batch()
+    bad = spoil(rows, rule, 5)
+    report = validate_batch(rows, rules)
+    assert not report.success
+    assert [c.name for c in report.failures("critical")] == [rule]
+    assert report.image_failures == {rule: bad}
+    assert check(report, rule).detail["unexpected_percent"] == pytest.approx(5.0)
 
 
-def _null_patient(rows):
-    rows.loc[9, "patient_key"] = None
-    return ["img-009"]
-
-
-def _undersized_rows(rows):
-    rows.loc[11, "orig_rows"] = 16
-    return ["img-011"]
-
-
-def _oversized_cols(rows):
-    rows.loc[12, "orig_cols"] = 9000
-    return ["img-012"]
-
-
-def _odd_bits(rows):
-    rows.loc[13, "bits_stored"] = 9
-    return ["img-013"]
+def test_thresholds_are_set_per_rule():
+    rows = batch()
+    spoil(rows, "not_blank", 5)
+    spoil(rows, "rows_in_range", 5)
+    lenient = BatchRules(classes=CLASSES, rule_mostly={"not_blank": 0.9})
+    report = validate_batch(rows, lenient, docs=False)
+    assert [c.name for c in report.failures()] == ["rows_in_range"]
+    assert check(report, "not_blank").threshold == 0.9 and check(report, "rows_in_range").threshold == 0.98
+    assert set(report.image_failures) == {"not_blank", "rows_in_range"}
+    assert report.docs == {}
+    strict = BatchRules(classes=CLASSES, mostly=1.0)
+    rows = batch()
+    spoil(rows, "bit_depth_consistent", 1)
+    assert [c.name for c in validate_batch(rows, strict, docs=False).failures()] == ["bit_depth_consistent"]
 
 
 @pytest.mark.parametrize(
-    ("defect", "expected_check"),
+    ("stored", "allocated", "photometric", "float_pixels", "problem"),
     [
-        (_blank, "not_blank"),
-        (_wrong_label, "label_in_classes"),
-        (_null_label, "label_not_null"),
-        (_duplicate_hash, "content_hash_unique"),
-        (_null_patient, "patient_key_not_null"),
-        (_undersized_rows, "rows_in_range"),
-        (_oversized_cols, "cols_in_range"),
-        (_odd_bits, "bits_stored_allowed"),
+        (15, 16, "MONOCHROME2", False, None),  # the valid DICOM value a whitelist refused
+        (1, 1, "MONOCHROME2", False, None),
+        (12, 16, "MONOCHROME1", False, None),
+        (8, 8, "RGB", False, None),
+        (32, 32, "MONOCHROME2", True, None),
+        (24, 32, "YBR_FULL", False, None),
+        (17, 16, "MONOCHROME2", False, "BitsStored 17 > BitsAllocated 16"),
+        (0, 8, "MONOCHROME2", False, "BitsStored 0 < 1"),
+        (32, 32, "MONOCHROME2", False, "BitsAllocated 32 > 16 (grayscale integer)"),
+        (64, 64, "MONOCHROME2", True, "BitsAllocated 64 > 32 (float or colour)"),
+        (12, 0, None, False, "BitsStored 12 > BitsAllocated 0"),  # no BitsAllocated in the header
     ],
 )
-def test_each_batch_defect_fails_its_critical_check_and_names_the_images(rules, defect, expected_check):
-    rows = batch()
-    bad_ids = defect(rows)
-    report = validate_batch(rows, rules)
-    assert not report.success
-    assert [c.name for c in report.failures("critical")] == [expected_check]
-    assert report.failed_image_ids == bad_ids
-    failed = check(report, expected_check)
-    assert failed.severity == "critical"
-    assert failed.detail["unexpected_count"] == len(bad_ids)
-    assert failed.detail["unexpected_image_ids"] == bad_ids
+def test_bit_depth_is_judged_by_header_consistency(stored, allocated, photometric, float_pixels, problem):
+    assert bit_depth_problem(stored, allocated, photometric, float_pixels) == (problem or "consistent")
 
 
-def test_failed_image_ids_union_critical_failures_in_input_order(rules):
+def test_bit_depth_failures_show_what_is_wrong(rules):
     rows = batch()
-    expected = sorted(_null_patient(rows) + _blank(rows))
-    assert validate_batch(rows, rules).failed_image_ids == expected
+    spoil(rows, "bit_depth_consistent", 1)
+    detail = check(validate_batch(rows, rules, docs=False), "bit_depth_consistent").detail
+    assert detail["unexpected_values"] == [{"value": "BitsStored 17 > BitsAllocated 16", "count": 1}]
+
+
+def test_class_collapse_fails_a_batch_that_is_mostly_one_class(rules):
+    rows = batch()
+    rows.loc[5:, "label"] = "chest_xray"  # 95 of 100 images
+    report = validate_batch(rows, rules, docs=False)
+    assert [c.name for c in report.failures()] == ["class_collapse"]
+    assert report.image_failures == {}  # a batch rule excludes no image on its own
+    small = rows.iloc[:40]  # a small night may well hold one modality
+    assert check(validate_batch(small, rules, docs=False), "class_collapse").success
 
 
 def test_modality_mismatch_is_only_a_warning(rules):
@@ -202,21 +232,50 @@ def test_absent_class_fails_class_counts_as_a_warning(rules):
 
 def test_to_json_is_json_serialisable_and_leaves_out_the_docs(rules):
     rows = batch()
-    _null_patient(rows)  # a NaN among the unexpected values
+    bad = spoil(rows, "patient_key_present", 1)  # a None among the unexpected values
     rows.loc[0, "modality"] = "CT"  # tuples among the unexpected values
-    report = validate_batch(rows, rules)
+    report = validate_batch(rows, rules, docs=False)
     payload = json.loads(json.dumps(report.to_json(), allow_nan=False))
     assert set(payload) == {"suite", "success", "checks", "failed_image_ids"}
-    assert payload["failed_image_ids"] == ["img-009"]
+    assert payload["failed_image_ids"] == bad
     assert len(payload["checks"]) == len(BATCH_CHECKS)
 
 
-def test_batch_docs_are_a_data_docs_site_for_the_suite(rules):
-    docs = validate_batch(batch(), rules).docs
-    assert "mmpipe_batch" in docs["index.html"].decode()
-    assert "expectations/mmpipe_batch.html" in docs
-    assert any(p.startswith("validations/mmpipe_batch/") and p.endswith(".html") for p in docs)
-    assert any(p.startswith("static/") for p in docs)
+RUN_ID = "scheduled__2026-11-23T01:00:00+00:00"
+
+
+@pytest.fixture(scope="module")
+def site(rules) -> dict[str, bytes]:
+    rows = batch()
+    spoil(rows, "bit_depth_consistent", 1)
+    return validate_batch(rows, rules, run_name=RUN_ID, asset="training/").docs
+
+
+def test_batch_docs_name_the_airflow_run_and_the_ingest_prefix(site):
+    index = site["index.html"].decode()
+    assert "mmpipe_batch" in index and "expectations/mmpipe_batch.html" in site
+    (page,) = [p for p in site if p.startswith(f"validations/mmpipe_batch/{RUN_ID}/")]
+    assert page.endswith("-training.html")
+    assert f"'run_name': '{RUN_ID}'" in index and "'asset_name': 'training'" in index
+    text = re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", site[page].decode()))
+    assert f"Run Name {RUN_ID}" in text and "Data asset: training" in text
+    # GX's own mostly: the page states the threshold and shows the failing share and value
+    assert "at least 98 % of the time" in text and "BitsStored 17 > BitsAllocated 16" in text
+
+
+def test_data_docs_load_nothing_from_the_internet(site):
+    pages = {p: b.decode() for p, b in site.items() if p.endswith(".html")}
+    assert len(pages) == 3
+    for path, html in pages.items():
+        remote = re.findall(r'<(?:link|script)\b[^>]*(?:href|src)="(https?:[^"]+)"', html)
+        assert remote == [], (path, remote)
+        local = re.findall(r'<(?:link|script)\b[^>]*(?:href|src)="([^"#]+\.(?:css|js))"', html)
+        assert {"bootstrap.min.css", "jquery.min.js", "bootstrap-table.min.js"} <= {
+            u.rsplit("/", 1)[-1] for u in local
+        }
+        for url in local:  # every stylesheet and script is in the site, relative to the page
+            assert posixpath.normpath(posixpath.join(posixpath.dirname(path), url)) in site, (path, url)
+        assert "great-expectations-web-assets" not in re.sub(r"<style>.*?</style>", "", html, flags=re.S)
 
 
 def test_clean_dataset_passes():
@@ -274,12 +333,12 @@ def test_a_gx_error_fails_the_check_with_its_message(rules):
 @pytest.mark.parametrize(
     ("mutate", "message"),
     [
-        (lambda r: r.drop(columns=["content_hash"]), "content_hash"),
+        (lambda r: r.drop(columns=["bits_allocated"]), "bits_allocated"),
         (lambda r: r.iloc[0:0], "no catalog rows"),
         (lambda r: r.assign(image_id="same"), "unique"),
         (lambda r: r.assign(orig_rows=r["orig_rows"].astype(str)), "numeric"),
         (lambda r: r.assign(pixel_std=r["pixel_std"].where(r.index != 0)), "'pixel_std' has nulls in 1"),
-        (lambda r: r.assign(content_hash=r["content_hash"].where(r.index != 0)), "'content_hash' has nulls"),
+        (lambda r: r.assign(label=r["label"].where(r.index != 0)), "'label' has nulls"),
     ],
 )
 def test_batch_rejects_malformed_input_clearly(rules, mutate, message):
@@ -292,7 +351,22 @@ def test_rules_and_arguments_are_checked():
         BatchRules(classes=CLASSES, min_side=64, max_side=32)
     with pytest.raises(ValueError, match="distinct"):
         BatchRules(classes=("a", "a"))
+    with pytest.raises(ValueError, match="no per-image rule named bits_stored_allowed"):
+        BatchRules(classes=CLASSES, rule_mostly={"bits_stored_allowed": 0.9})
+    with pytest.raises(ValueError, match=r"within \(0, 1\]"):
+        BatchRules(classes=CLASSES, rule_mostly={"not_blank": 1.5})
     with pytest.raises(ValueError, match="split"):
         validate_dataset(dataset().drop(columns=["split"]), CLASSES)
     with pytest.raises(TypeError, match="DataFrame"):
         validate_dataset(dataset().to_dict("records"), CLASSES)
+
+
+def test_validation_settings_become_rules_and_a_bad_one_names_the_fix():
+    from mmpipe.config import get_settings
+    from mmpipe.dataset import batch_rules
+    from mmpipe.errors import ConfigError
+
+    rules = batch_rules(get_settings(validation_mostly=0.95, validation_rule_mostly={"not_blank": 0.9}))
+    assert (rules.threshold("not_blank"), rules.threshold("label_in_classes")) == (0.9, 0.95)
+    with pytest.raises(ConfigError, match=r"MMPIPE_VALIDATION_.*no per-image rule named bits_stored_allowed"):
+        batch_rules(get_settings(validation_rule_mostly={"bits_stored_allowed": 0.9}))
