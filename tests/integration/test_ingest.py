@@ -236,8 +236,8 @@ def snapshot(store, catalog) -> dict[str, object]:
 # --------------------------------------------------------------------------- tests
 
 
-def test_hospital_export_is_fully_accounted_and_a_rerun_does_nothing(ready, pg_url) -> None:
-    settings, store, catalog = ready(database_url=pg_url, **LIMITS)
+def test_hospital_export_is_fully_accounted_and_a_rerun_does_nothing(ready, catalog_kind) -> None:
+    settings, store, catalog = ready(catalog=catalog_kind, **LIMITS)
     objects = export()
     upload(store, objects)
     originals = {o.key: o.etag for o in store.list("training/")}
