@@ -31,6 +31,7 @@ from mmpipe import decoding, embedded, ingest, synth
 from mmpipe.catalog import open_catalog, upgrade
 from mmpipe.config import Settings, get_settings
 from mmpipe.errors import ConfigError, MmpipeError
+from mmpipe.progress import progress
 from mmpipe.store import Store, open_store
 
 SOURCE_SIZE = 64  # side of the synthetic DICOM images
@@ -41,7 +42,7 @@ PREFIX = ingest.TRAINING_PREFIX
 def naive_ingest(store: Store, prefix: str, size: int) -> int:
     """The baseline: one object at a time, one output file per image."""
     done = 0
-    for obj in store.list(prefix):
+    for obj in progress(store.list(prefix), desc="naive loop", unit="obj"):
         ds = pydicom.dcmread(io.BytesIO(store.get(obj.key)))
         pixels = ds.pixel_array.astype(np.float32)
         lo, hi = float(pixels.min()), float(pixels.max())

@@ -4,15 +4,22 @@ Schema lives in versioned SQL files ``mmpipe/sql/NNN_name.sql``, package data so
 wheel can migrate, applied in order by :func:`upgrade` and recorded in ``schema_migrations`` so
 re-running is a no-op. Everything else is
 thin: parameterised SQL, UPSERTs for idempotent tasks, one transaction per logical step.
+
+A connection that drops mid-transaction (a database restart or failover, a terminated backend)
+rolled its transaction back: :meth:`Catalog.transaction` and the one-statement helpers run it
+again on a fresh connection, so callers pass idempotent work.
 """
 
 from __future__ import annotations
 
+import logging
+import random
 import re
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
@@ -20,9 +27,18 @@ from sqlalchemy.engine import Connection, Engine
 from mmpipe.config import Settings
 from mmpipe.errors import CatalogError
 
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
 SQL_DIR = Path(__file__).resolve().parent / "sql"
 IN_CHUNK = 500  # bound parameters per IN (...) list, well under SQLite's and PostgreSQL's limits
+DISCONNECT_ATTEMPTS = 4
 _MIGRATION = re.compile(r"^(\d{3})_[a-z0-9_]+\.sql$")
+_DISK_FULL = ("disk is full", "No space left on device", "could not extend file")
+
+
+class Disconnected(CatalogError):
+    """The connection dropped mid-transaction, which therefore rolled back."""
 
 
 def _redact(url: str) -> str:
@@ -56,38 +72,54 @@ class Catalog:
         try:
             with self.engine.begin() as conn:
                 yield conn
-        except sa.exc.OperationalError as exc:
+        except sa.exc.DBAPIError as exc:
             text = str(exc.orig).strip().splitlines()[0] if exc.orig else str(exc)
+            if exc.connection_invalidated:
+                raise Disconnected(f"catalog connection to {_redact(self.url)} dropped ({text})") from None
+            if not isinstance(exc, sa.exc.OperationalError | sa.exc.ProgrammingError):
+                raise
+            if any(full in text for full in _DISK_FULL):
+                raise CatalogError(
+                    f"catalog database at {_redact(self.url)} is out of disk space ({text}): free some"
+                ) from None
             if "no such table" in text or "does not exist" in text:
                 raise CatalogError(
                     f"catalog at {_redact(self.url)} is not migrated: run `mmpipe db upgrade`"
                 ) from None
+            if isinstance(exc, sa.exc.ProgrammingError):
+                raise
             raise CatalogError(
                 f"catalog database unreachable at {_redact(self.url)} ({text}): start it or set MMPIPE_DATABASE_URL"
             ) from None
-        except sa.exc.ProgrammingError as exc:
-            text = str(exc.orig).strip().splitlines()[0] if exc.orig else str(exc)
-            if "does not exist" in text:
-                raise CatalogError(
-                    f"catalog at {_redact(self.url)} is not migrated: run `mmpipe db upgrade`"
-                ) from None
-            raise
+
+    def transaction(self, work: Callable[[Connection], T]) -> T:
+        """``work(conn)`` in one transaction, run again on a fresh connection if the connection
+        dropped (see the module doc): ``work`` must be idempotent and leave its inputs unchanged."""
+        for attempt in range(1, DISCONNECT_ATTEMPTS + 1):
+            try:
+                with self.begin() as conn:
+                    return work(conn)
+            except Disconnected as exc:
+                if attempt == DISCONNECT_ATTEMPTS:
+                    raise
+                log.warning("%s; running the transaction again (attempt %d)", exc, attempt + 1)
+                time.sleep(random.random() * 0.5 * 2**attempt)
+        raise AssertionError("unreachable")
 
     def query(self, sql: str, **params: Any) -> list[dict[str, Any]]:
-        with self.begin() as conn:
-            return [dict(row._mapping) for row in conn.execute(sa.text(sql), params)]
+        return self.transaction(
+            lambda conn: [dict(row._mapping) for row in conn.execute(sa.text(sql), params)]
+        )
 
     def query_in(self, sql: str, values: Iterable[str]) -> list[dict[str, Any]]:
-        with self.begin() as conn:
-            return select_in(conn, sql, values)
+        values = list(values)
+        return self.transaction(lambda conn: select_in(conn, sql, values))
 
     def scalar(self, sql: str, **params: Any) -> Any:
-        with self.begin() as conn:
-            return conn.execute(sa.text(sql), params).scalar()
+        return self.transaction(lambda conn: conn.execute(sa.text(sql), params).scalar())
 
     def execute(self, sql: str, rows: Mapping[str, Any] | Sequence[Mapping[str, Any]] | None = None) -> None:
-        with self.begin() as conn:
-            conn.execute(sa.text(sql), rows or {})
+        self.transaction(lambda conn: conn.execute(sa.text(sql), rows or {}))
 
     def upsert(
         self,
@@ -105,8 +137,7 @@ class Catalog:
         if conn is not None:
             conn.execute(sa.text(sql), rows)
         else:
-            with self.begin() as own:
-                own.execute(sa.text(sql), rows)
+            self.transaction(lambda own: own.execute(sa.text(sql), rows))
         return len(rows)
 
     def dispose(self) -> None:

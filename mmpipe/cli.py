@@ -158,6 +158,36 @@ def cmd_ingest(args: argparse.Namespace) -> None:
     tables.show(report, args.json, lambda r: tables.fields(r, f"ingest run {args.run_id}"))
 
 
+def cmd_quarantine_release(args: argparse.Namespace) -> None:
+    """Re-queue quarantined objects after a fix: the next ingest over their prefix takes them again."""
+    from mmpipe import ingest, pipeline
+
+    _, _, catalog = pipeline.connect()
+    release = ingest.release_quarantine(catalog, args.reason, args.run)
+    if args.json:
+        _print(release)
+        return
+    print(format_release(release))
+
+
+def format_release(release: dict[str, Any]) -> str:
+    header = f"{'quarantine reason':<30} {'objects':>8} {'members':>8}"
+    lines = [header, "-" * len(header)]
+    lines += [
+        f"{reason:<30} {n['objects']:>8} {n['members']:>8}" for reason, n in release["by_reason"].items()
+    ]
+    lines.append(f"{'total':<30} {release['objects']:>8} {release['members']:>8}")
+    if release["objects"]:
+        lines.append(
+            f"released as {release['release_id']}: the next ingest over their prefix processes them again"
+        )
+    else:
+        lines.append(
+            "nothing to release" + (f" from run {release['run_filter']}" if release["run_filter"] else "")
+        )
+    return "\n".join(lines)
+
+
 def cmd_validate(args: argparse.Namespace) -> None:
     """Validate an ingest run and show each rule's verdict; a failed batch still prints, then exits 2."""
     from mmpipe import dataset, pipeline
@@ -347,6 +377,15 @@ def build_parser() -> argparse.ArgumentParser:
     ing.add_argument("--run-id", default=CLI_RUN_ID)
     ing.add_argument("--batch-size", type=int, default=200)
     ing.set_defaults(fn=cmd_ingest)
+
+    quarantine = sub.add_parser("quarantine", help="quarantined objects").add_subparsers(
+        dest="action", required=True
+    )
+    release = quarantine.add_parser("release", help="re-queue quarantined objects after a fix")
+    release.add_argument("--reason", required=True, help="what was fixed (recorded with the release)")
+    release.add_argument("--run", help="only what this ingest run quarantined")
+    release.add_argument("--json", action="store_true", help="print the release as JSON")
+    release.set_defaults(fn=cmd_quarantine_release)
 
     val = sub.add_parser("validate", help="run the GX batch suite over an ingest run")
     val.add_argument("--run-id", required=True)

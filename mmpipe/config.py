@@ -122,6 +122,30 @@ class Settings(BaseSettings):
         description="Processes fetching and decoding per ingest task (fork, Linux): 0 = CPU count + 1; "
         "1 = decode in the task's own threads (ingest_workers), as where fork is unavailable.",
     )
+    # Faults become retries (docs/reliability.md).
+    s3_max_attempts: int = Field(
+        5,
+        ge=1,
+        le=20,
+        description="Attempts per store request (first try included) on 5xx, throttling, timeouts and "
+        "connection resets, with jittered exponential backoff; an object that still fails stays unseen.",
+    )
+    s3_retry_mode: Literal["standard", "adaptive"] = Field(
+        "standard", description="botocore retry mode; 'adaptive' also rate-limits the client when throttled."
+    )
+    decoder_error_max_share: float = Field(
+        0.01,
+        ge=0,
+        le=1,
+        description="Share of an ingest batch's objects that may hit an unexpected decoder exception (a "
+        "bug, not bad data) before the batch fails; those objects are never quarantined.",
+    )
+    abandon_after_hours: float = Field(
+        2,
+        gt=0,
+        description="An ingest run still 'running' without a heartbeat for this long is marked abandoned "
+        "(at once when its process, on this host, is gone).",
+    )
 
     @property
     def db_url(self) -> str:

@@ -4,11 +4,18 @@ One object (pure): :func:`process_object` expands archives safely, decodes every
 its label; identifiers leave it only as salted HMACs. Nothing here writes to the store or catalog:
 :mod:`mmpipe.ingest` records what a batch's outcomes hold.
 
+Faults are not verdicts. Only known data faults (:class:`Rejected`) quarantine. An object the store
+could not serve (a transient fault that outlasted the retries) or that hit an unexpected exception
+in mmpipe's own decoding (a bug) ends with an entry in :attr:`Outcome.errors` instead: ingest leaves
+it unrecorded, so the next run takes it again, and reports it (``store_error``, ``decoder_error``
+with a traceback that keeps the frames, never the message). Access denied fails the run.
+
 Parallelism. A :class:`Fetcher` fetches and decodes in forked processes (``ingest_processes``;
 decoding is CPU-bound Python, which threads would confine to one core), or in ``ingest_workers``
 threads where fork is unavailable. A decode process that dies (the OOM killer, a crashing C
 decoder) or hangs past ``decode_timeout_seconds`` costs one object, never the run: the objects it
-took down are decoded again one process each, and the culprit is quarantined with the cause.
+took down are decoded again one process each, and the culprit is quarantined with the cause if it
+died or hung while decoding (while fetching, or exiting without an answer, it is an error, not a verdict).
 """
 
 from __future__ import annotations
@@ -20,13 +27,14 @@ import multiprocessing
 import os
 import signal
 import time
+import traceback
 import warnings
 from collections import deque
 from collections.abc import Sequence
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -36,7 +44,7 @@ from mmpipe.errors import StoreError
 from mmpipe.imaging import Decoded, Limits, Reason, Rejected, decode_image, sniff
 from mmpipe.labels import MEMBER_SEPARATOR, Label, Labeler
 from mmpipe.pseudonym import fallback_patient, pseudonym
-from mmpipe.store import ObjectInfo, Store
+from mmpipe.store import AccessDenied, NotFound, ObjectInfo, Store
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +54,8 @@ ARCHIVE_KINDS = ("zip", "tar")
 MIN_IDENTIFIER_CHARS = 4
 PROCESS_CHUNK = 4  # objects per task sent to a decode process
 _PR_SET_PDEATHSIG = 1
+STORE_ERROR, DECODER_ERROR = "store_error", "decoder_error"
+_FETCHED = "fetched"  # an isolated decode process has the object's bytes: its decode timeout starts
 
 
 # --------------------------------------------------------------------------- one object (pure)
@@ -53,33 +63,75 @@ _PR_SET_PDEATHSIG = 1
 
 @dataclass
 class Outcome:
-    """What one source object produced: image rows with pixels, and quarantined members."""
+    """What one source object produced: image rows with pixels, and quarantined members.
+
+    An outcome with ``errors`` (store or decoder errors) is held back whole: none of it is recorded,
+    so the object stays unseen and the next run takes it again.
+    """
 
     obj: ObjectInfo
     images: list[tuple[dict[str, Any], np.ndarray]] = field(default_factory=list)
     quarantined: list[dict[str, str]] = field(default_factory=list)
     identifier_keys: int = 0
+    errors: list[dict[str, str]] = field(default_factory=list)
 
 
 def _rejection(path: str, exc: Rejected) -> dict[str, str]:
     return {"member_path": path, "reason": str(exc.reason), "detail": exc.detail}
 
 
-def expand(key: str, data: bytes, limits: Limits) -> tuple[list[tuple[str, bytes]], list[dict[str, str]]]:
-    """The object's leaf files ``[(member path, bytes)]`` and its rejected archives.
+def failure(kind: str, detail: str) -> dict[str, str]:
+    """An error entry without a traceback: a store error, or a decode process that ended oddly."""
+    return {"kind": kind, "member_path": "", "error": detail[:500], "traceback": ""}
+
+
+def decoder_error(member: str, exc: BaseException) -> dict[str, str]:
+    """An unexpected exception in mmpipe's decoding: a bug to fix, not a verdict on the data.
+
+    The traceback keeps the frames (code, not data) and the exception's type, never its message,
+    which may quote a header value.
+    """
+    frames = traceback.extract_tb(exc.__traceback__)
+    name = f"{type(exc).__module__}.{type(exc).__qualname__}"
+    where = (
+        f" at {os.path.basename(frames[-1].filename)}:{frames[-1].lineno} in {frames[-1].name}"
+        if frames
+        else ""
+    )
+    return {
+        "kind": DECODER_ERROR,
+        "member_path": member,
+        "error": name + where,
+        "traceback": "Traceback (most recent call last):\n"
+        + "".join(traceback.format_list(frames))
+        + f"{name} (message withheld: it may quote header values)",
+    }
+
+
+class Leaf(NamedTuple):
+    """A file to decode: its member path ("" for a plain object), bytes, and kind as sniffed (once)."""
+
+    path: str
+    body: bytes
+    kind: str
+
+
+def expand(key: str, data: bytes, limits: Limits) -> tuple[list[Leaf], list[dict[str, str]]]:
+    """The object's leaf files and its rejected archives.
 
     A plain object is its own single leaf (path ""). Archives nest up to MAX_ARCHIVE_DEPTH, and all
     levels together share one member/bytes budget, so an archive of archives cannot multiply the
     limits. An archive that fails anywhere (even mid-way) is rejected whole: none of its files is used.
     """
-    leaves: list[tuple[str, bytes]] = []
+    leaves: list[Leaf] = []
     rejected: list[dict[str, str]] = []
     members_left, bytes_left = limits.max_archive_members, limits.max_archive_bytes
     pending = deque([("", data, 0)])
     while pending:
         path, body, depth = pending.popleft()
-        if sniff(body, path or key) not in ARCHIVE_KINDS:
-            leaves.append((path, body))
+        kind = sniff(body, path or key)
+        if kind not in ARCHIVE_KINDS:
+            leaves.append(Leaf(path, body, kind))
             continue
         try:
             if depth >= MAX_ARCHIVE_DEPTH:
@@ -87,7 +139,7 @@ def expand(key: str, data: bytes, limits: Limits) -> tuple[list[tuple[str, bytes
                     Reason.UNSAFE_ARCHIVE, f"archives nested deeper than {MAX_ARCHIVE_DEPTH} levels"
                 )
             room = replace(limits, max_archive_members=members_left, max_archive_bytes=bytes_left)
-            members = list(iter_members(body, path or key, room))
+            members = list(iter_members(body, path or key, room, kind))
             if not members:
                 raise Rejected(Reason.EMPTY, "archive holds no files")
         except Rejected as exc:
@@ -142,20 +194,27 @@ def image_row(obj: ObjectInfo, member: str, decoded: Decoded, label: Label, salt
 def process_object(
     obj: ObjectInfo, data: bytes, *, labeler: Labeler, salt: bytes, size: int, limits: Limits
 ) -> Outcome:
-    """Decode one object (expanding archives) into labelled, pseudonymised image rows. Pure: no I/O."""
+    """Decode one object (expanding archives) into labelled, pseudonymised image rows. Pure: no I/O.
+
+    A member that raises anything but :class:`Rejected` records a decoder error (see the module doc).
+    """
     outcome = Outcome(obj)
-    leaves, outcome.quarantined = expand(obj.key, data, limits)
-    for member, body in leaves:
+    try:
+        leaves, outcome.quarantined = expand(obj.key, data, limits)
+    except Exception as exc:
+        return Outcome(obj, errors=[decoder_error("", exc)])
+    for member, body, kind in leaves:
         try:
-            decoded = decode_image(body, member or obj.key, size, limits)
+            decoded = decode_image(body, member or obj.key, size, limits, kind)
             label = labeler.resolve(
                 obj.key, member, decoded.modality, decoded.body_part, decoded.study_description
             )
+            outcome.images.append((image_row(obj, member, decoded, label, salt), decoded.pixels))
+            outcome.identifier_keys += _names_identifier(obj.key, member, decoded)
         except Rejected as exc:
             outcome.quarantined.append(_rejection(member, exc))
-            continue
-        outcome.images.append((image_row(obj, member, decoded, label, salt), decoded.pixels))
-        outcome.identifier_keys += _names_identifier(obj.key, member, decoded)
+        except Exception as exc:
+            outcome.errors.append(decoder_error(member, exc))
     return outcome
 
 
@@ -172,28 +231,39 @@ class DecodeContext:
 
 def fetch_listed(store: Store, obj: ObjectInfo, limits: Limits) -> bytes:
     """The bytes of a listed object, or Rejected when the object itself is unusable (too large, empty,
-    deleted since listing). A store failure on an object that still exists propagates: the task retries."""
+    deleted since listing: 404 only). Any other store error propagates, classified (see Store)."""
     if obj.size > limits.max_object_bytes:
         raise Rejected(Reason.TOO_LARGE, f"object is {obj.size} bytes; limit {limits.max_object_bytes}")
     if obj.size == 0:
         raise Rejected(Reason.EMPTY, "zero-byte object")
     try:
         return store.fetch(obj.key)
-    except StoreError:
-        if store.head(obj.key) is not None:
-            raise
+    except NotFound:
         raise Rejected(Reason.EMPTY, "object was deleted after it was listed") from None
 
 
-def _fetch_and_process(store: Store, context: DecodeContext, obj: ObjectInfo) -> Outcome:
-    limits = context.limits
+def _fetch(store: Store, obj: ObjectInfo, limits: Limits) -> bytes | Outcome:
+    """The object's bytes, or the outcome that settles it unread: rejected, or a store error (after
+    the store's retries) that leaves it for the next run. Access denied fails the run."""
     try:
-        data = fetch_listed(store, obj, limits)
+        return fetch_listed(store, obj, limits)
     except Rejected as exc:
         return Outcome(obj, quarantined=[_rejection("", exc)])
+    except AccessDenied:
+        raise
+    except StoreError as exc:
+        return Outcome(obj, errors=[failure(STORE_ERROR, str(exc))])
+
+
+def _process(context: DecodeContext, obj: ObjectInfo, data: bytes) -> Outcome:
     return process_object(
-        obj, data, labeler=context.labeler, salt=context.salt, size=context.size, limits=limits
+        obj, data, labeler=context.labeler, salt=context.salt, size=context.size, limits=context.limits
     )
+
+
+def _fetch_and_process(store: Store, context: DecodeContext, obj: ObjectInfo) -> Outcome:
+    data = _fetch(store, obj, context.limits)
+    return data if isinstance(data, Outcome) else _process(context, obj, data)
 
 
 #: The forked decode process's own store client and context (see :func:`_worker_start`).
@@ -235,20 +305,26 @@ def _worker_fetch(objects: list[ObjectInfo]) -> list[Outcome]:
 
 
 def _isolated_worker(store: Store, context: DecodeContext, parent: int, obj: ObjectInfo, send: Any) -> None:
-    """One object in a process of its own (see :meth:`Fetcher.isolated`): send its outcome, exit."""
+    """One object in a process of its own (see :meth:`Fetcher.isolated`): say when its bytes are in,
+    then send its outcome, or the exception that must fail the run (access denied), and exit."""
     _worker_start(store, context, parent)
-    send.send(_worker_fetch([obj])[0])
+    try:
+        data = _fetch(store, obj, context.limits)
+        if not isinstance(data, Outcome):
+            send.send(_FETCHED)
+            data = _process(context, obj, data)
+        send.send(data)
+    except Exception as exc:
+        send.send(exc)
     send.close()
 
 
-def _crash_rejection(exitcode: int | None) -> Rejected:
-    """Why a process that decoded one object died without an answer."""
-    if exitcode is not None and exitcode < 0:
-        name = signal.Signals(-exitcode).name
-        if -exitcode == signal.SIGKILL:  # what the kernel's OOM killer sends
-            return Rejected(Reason.TOO_LARGE, f"decode process killed ({name}; out of memory?)")
-        return Rejected(Reason.CORRUPT, f"decode process crashed ({name})")
-    return Rejected(Reason.CORRUPT, f"decode process exited with status {exitcode} without a result")
+def _crash_rejection(signum: int) -> Rejected:
+    """Why a process that was decoding one object died by signal ``signum``."""
+    name = signal.Signals(signum).name
+    if signum == signal.SIGKILL:  # what the kernel's OOM killer sends
+        return Rejected(Reason.TOO_LARGE, f"decode process killed ({name}; out of memory?)")
+    return Rejected(Reason.CORRUPT, f"decode process crashed ({name})")
 
 
 def decode_processes(settings: Settings) -> int:
@@ -340,8 +416,9 @@ class Fetcher:
         return self.isolated(chunk.objects)
 
     def isolated(self, objects: list[ObjectInfo]) -> list[Outcome]:
-        """Each object in a fresh process of its own, ``processes`` at a time; an object whose process
-        dies, or does not answer within ``decode_timeout_seconds``, is quarantined with the cause."""
+        """Each object in a fresh process of its own, ``processes`` at a time. One whose process dies,
+        or does not answer within ``decode_timeout_seconds``, while decoding is quarantined with the
+        cause; while fetching, or exiting without an answer, it is an error (not recorded, taken again)."""
         context = multiprocessing.get_context("fork")
         outcomes = []
         for start in range(0, len(objects), self.processes):
@@ -359,20 +436,46 @@ class Fetcher:
         return outcomes
 
     def _answer(self, obj: ObjectInfo, process: Any, receive: Any, deadline: float) -> Outcome:
-        timed_out = False
+        """The isolated process's outcome: ``deadline`` for its fetch, then a decode timeout of its own."""
+        stage, timed_out = "fetch", False
         try:
-            if receive.poll(max(deadline - time.monotonic(), 0)):
-                return receive.recv()
-            process.kill()
-            timed_out = True
+            while True:
+                if not receive.poll(max(deadline - time.monotonic(), 0)):
+                    process.kill()
+                    timed_out = True
+                    break
+                message = receive.recv()
+                if isinstance(message, Exception):
+                    raise message
+                if message != _FETCHED:
+                    return message
+                stage, deadline = "decode", time.monotonic() + self.timeout
         except EOFError:  # died before answering
             pass
         finally:
             process.join()  # at once: it answered, died or was killed
             receive.close()
+        if stage == "fetch":
+            what = "did not finish" if timed_out else f"ended ({_exit(process.exitcode)})"
+            detail = f"decode process fetching the object {what} within {self.timeout:g} s"
+            return self._failed(Outcome(obj, errors=[failure(STORE_ERROR, detail)]), detail)
         if timed_out:
             rejection = Rejected(Reason.CORRUPT, f"decoding did not finish within {self.timeout:g} s")
-        else:
-            rejection = _crash_rejection(process.exitcode)
-        log.warning("decode process for one object failed (%s); quarantined", rejection.detail)
-        return Outcome(obj, quarantined=[_rejection("", rejection)])
+        elif process.exitcode is not None and process.exitcode < 0:
+            rejection = _crash_rejection(-process.exitcode)
+        else:  # not a verdict on the data: Python exits like this only through a bug or the machine
+            detail = f"decode process {_exit(process.exitcode)} without a result"
+            return self._failed(Outcome(obj, errors=[failure(DECODER_ERROR, detail)]), detail)
+        return self._failed(Outcome(obj, quarantined=[_rejection("", rejection)]), rejection.detail)
+
+    @staticmethod
+    def _failed(outcome: Outcome, detail: str) -> Outcome:
+        fate = "quarantined" if outcome.quarantined else "left for the next run"
+        log.warning("decode process for one object failed (%s); %s", detail, fate)
+        return outcome
+
+
+def _exit(exitcode: int | None) -> str:
+    if exitcode is not None and exitcode < 0:
+        return f"killed by {signal.Signals(-exitcode).name}"
+    return f"exited with status {exitcode}"

@@ -2,7 +2,10 @@
 
 Pure functions on bytes, safe to call from worker threads. Every input ends as either a
 :class:`Decoded` or a :class:`Rejected` carrying a fixed machine-readable :class:`Reason`: ingest
-quarantines on that reason, so no other exception may escape :func:`decode_image`.
+quarantines on that reason. Where a library parses the input (pydicom reading or converting a
+header value, a pixel codec, Pillow, libjpeg), any exception is damage in the data and becomes
+:class:`Rejected` (:func:`data_fault`). Any other exception is a bug in mmpipe's own code: it
+escapes :func:`decode_image`, and ingest records it as a decoder error, never as a verdict on the data.
 
 DICOM rules, in order (the native-unit image handed to :func:`mmpipe.pixels.normalise`):
 
@@ -23,6 +26,10 @@ DICOM rules, in order (the native-unit image handed to :func:`mmpipe.pixels.norm
   frame that they all refuse because its scan header misstates the spectral selection (some
   encoders write Se=0) is decoded once more with the full spectrum stated, as IJG's codec (DCMTK,
   GDCM) reads it.
+* The common case takes a fast path that gives exactly what pydicom gives (:class:`NativeHeader`):
+  a Part-10 file in explicit or implicit VR little endian, one sample of 8 or 16 bits, MONOCHROME,
+  no LUT sequence or functional groups, ASCII text values. Anything else, or anything it finds odd,
+  goes to pydicom, which judges it; dcmread and the decoder runner cost 3-4 times the whole fast path.
 
 PNG/JPEG: grayscale at its native depth (8 or 16 bit), RGB(A)/palette/CMYK to BT.601 luma, alpha
 dropped; intensities scaled by percentiles. A JPEG Pillow cannot open (12-bit extended, lossless up
@@ -41,6 +48,7 @@ import lzma
 import struct
 import zlib
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import StrEnum
 from io import BytesIO
@@ -51,11 +59,11 @@ import libjpeg
 import numpy as np
 import pydicom
 import pydicom.config
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from pydicom.datadict import dictionary_has_tag
 from pydicom.dataset import Dataset
 from pydicom.encaps import encapsulate, get_frame
-from pydicom.filereader import _read_file_meta_info, read_preamble
+from pydicom.filereader import _read_command_set_elements, _read_file_meta_info, read_preamble
 from pydicom.multival import MultiValue
 from pydicom.pixels import apply_color_lut, apply_rescale, apply_voi, get_decoder, pixel_array
 from pydicom.uid import (
@@ -139,6 +147,23 @@ class Rejected(Exception):
         return f"{self.reason.value}: {self.detail}"
 
 
+#: Not faults of the data. Everything else a library raises on untrusted bytes is, including the
+#: ``PanicException`` of Rust codecs (pylibjpeg-rle), a BaseException that ``except Exception`` misses.
+_NOT_DATA_FAULTS = (Rejected, MemoryError, KeyboardInterrupt, SystemExit, GeneratorExit)
+
+
+@contextmanager
+def data_fault(what: str, reason: Reason = Reason.CORRUPT) -> Iterator[None]:
+    """A library parsing untrusted bytes: whatever it raises is damage in the data, kept as ``what``
+    and the exception's type only (library messages may quote header values or member names)."""
+    try:
+        yield
+    except _NOT_DATA_FAULTS:
+        raise
+    except BaseException as exc:
+        raise Rejected(reason, f"{what} ({type(exc).__name__})") from None
+
+
 @dataclass(frozen=True)
 class Limits:
     """Resource ceilings for one object, checked before the expensive work they guard."""
@@ -220,7 +245,7 @@ def _decompressed_head(data: bytes) -> bytes:
             return bz2.BZ2Decompressor().decompress(data[: 1 << 20], _TAR_BLOCK)
         if data.startswith(XZ_MAGIC):
             return lzma.LZMADecompressor().decompress(data[:65536], _TAR_BLOCK)
-    except (zlib.error, OSError, EOFError, lzma.LZMAError):
+    except Exception:  # damaged compression: not a tar, whatever the codec raised
         return b""
     return data[:_TAR_BLOCK]
 
@@ -246,8 +271,10 @@ def _looks_like_raw_dataset(data: bytes) -> bool:
     if not any(2 <= group <= 0x28 and group % 2 == 0 for group in groups):
         return False
     try:
-        ds = pydicom.dcmread(BytesIO(data), force=True, stop_before_pixels=True)
-        tags = ds.keys()  # tags only: iterating the dataset would convert every value
+        if _DEFLATED in data:  # dcmread would inflate the dataset unmeasured: its file meta must do
+            tags = _read_file_meta_info(BytesIO(data)).keys()
+        else:  # tags only: iterating the dataset would convert every value
+            tags = pydicom.dcmread(BytesIO(data), force=True, stop_before_pixels=True).keys()
         return sum(dictionary_has_tag(tag) for tag in tags) >= 2
     except Exception:
         return False
@@ -256,27 +283,24 @@ def _looks_like_raw_dataset(data: bytes) -> bool:
 # --------------------------------------------------------------------------- decoding
 
 
-def decode_image(data: bytes, name: str, size: int, limits: Limits) -> Decoded:
-    """Decode ``data`` to a canonical ``size``x``size`` uint8 image; raise :class:`Rejected` otherwise.
+def decode_image(data: bytes, name: str, size: int, limits: Limits, kind: str | None = None) -> Decoded:
+    """Decode ``data`` to a canonical ``size``x``size`` uint8 image; raise :class:`Rejected` when the
+    data is at fault. Any other exception is a bug in mmpipe, not a verdict on the data (module doc).
 
     ``name`` only contributes its extension to rejection details (never the name: it may hold PHI).
+    ``kind`` is what :func:`sniff` said of ``data``, if the caller sniffed it already.
     """
     try:
-        return _decode(data, name, size, limits)
-    except Rejected:
-        raise
+        return _decode(data, name, size, limits, kind or sniff(data, name))
     except MemoryError:
         raise Rejected(Reason.TOO_LARGE, "out of memory while decoding") from None
-    except Exception as exc:  # the contract: nothing but Rejected escapes, and no PHI-bearing message
-        raise Rejected(Reason.CORRUPT, f"unexpected {type(exc).__name__} while decoding") from None
 
 
-def _decode(data: bytes, name: str, size: int, limits: Limits) -> Decoded:
+def _decode(data: bytes, name: str, size: int, limits: Limits, kind: str) -> Decoded:
     if not data:
         raise Rejected(Reason.EMPTY, "zero-byte object")
     if len(data) > limits.max_object_bytes:
         raise Rejected(Reason.TOO_LARGE, f"{len(data)} bytes > max_object_bytes {limits.max_object_bytes}")
-    kind = sniff(data, name)
     if kind == "dicom":
         return _decode_dicom(data, size, limits)
     if kind in ("png", "jpeg"):
@@ -333,16 +357,18 @@ def _read_dataset(data: bytes, limits: Limits) -> Dataset:
 
 
 def _guard_deflate(data: bytes, limits: Limits) -> None:
-    """pydicom inflates a Deflated-syntax dataset in one unbounded call: measure it first."""
+    """pydicom inflates a Deflated-syntax dataset in one unbounded call: measure it first.
+
+    The guard fails closed: it reads the file meta as ``dcmread`` does (with or without a preamble),
+    and a file naming the deflated syntax whose file meta it cannot read is refused, not passed on.
+    """
     if _DEFLATED not in data:  # the file meta stores the UID as text: without it, no parse needed
         return
     fp = BytesIO(data)
-    try:
-        if read_preamble(fp, True) is None:
-            return  # no file meta, hence no deflated syntax
+    with data_fault("unreadable file meta of a dataset naming the deflated syntax"):
+        read_preamble(fp, True)  # without a preamble pydicom rewinds and still reads a file meta
         tsyntax = _read_file_meta_info(fp).get("TransferSyntaxUID")
-    except Exception:
-        return  # dcmread reports the damage
+        _read_command_set_elements(fp)  # pydicom inflates what follows these
     if tsyntax != DeflatedExplicitVRLittleEndian:
         return
     inflater, pending, total = zlib.decompressobj(-zlib.MAX_WBITS), data[fp.tell() :], 0
@@ -361,15 +387,22 @@ def _guard_deflate(data: bytes, limits: Limits) -> None:
             break
 
 
+def _value(ds: Dataset, keyword: str) -> Any:
+    """``keyword``'s value in ``ds``, or None. pydicom converts a value when it is first read, so
+    damaged bytes surface here, as a data fault."""
+    with data_fault(f"unreadable {keyword}"):
+        return ds.get(keyword)
+
+
 def _text(ds: Dataset, keyword: str) -> str | None:
-    value = ds.get(keyword)
+    value = _value(ds, keyword)
     if value is None:
         return None
     return str(value).strip() or None
 
 
 def _int(ds: Dataset, keyword: str, default: int | None = None) -> int:
-    value = ds.get(keyword)
+    value = _value(ds, keyword)
     if value in (None, ""):
         if default is None:
             raise Rejected(Reason.CORRUPT, f"missing {keyword}")
@@ -387,25 +420,27 @@ def _first_float(value: Any) -> float:
 def _frame_value(ds: Dataset, frame: int, group: str, keyword: str) -> Any:
     """``keyword`` at top level, else in the frame's then the shared functional group ``group``."""
     if keyword in ds:
-        return ds[keyword].value
+        return _value(ds, keyword)
     for sequence, index in (
         ("PerFrameFunctionalGroupsSequence", frame),
         ("SharedFunctionalGroupsSequence", 0),
     ):
-        items = ds.get(sequence)
+        items = _value(ds, sequence)
         if items and index < len(items):
-            macro = items[index].get(group)
+            macro = _value(items[index], group)
             if macro and keyword in macro[0]:
-                return macro[0][keyword].value
+                return _value(macro[0], keyword)
     return None
 
 
 def _transfer_syntax(ds: Dataset) -> UID:
     """The file's transfer syntax; for raw datasets the encoding pydicom parsed them with."""
-    tsyntax = ds.file_meta.get("TransferSyntaxUID")
+    tsyntax = _value(ds.file_meta, "TransferSyntaxUID")
     if tsyntax:
         return UID(tsyntax)
-    if "PixelData" in ds and ds["PixelData"].is_undefined_length:
+    with data_fault("unreadable PixelData"):
+        undefined = "PixelData" in ds and ds["PixelData"].is_undefined_length
+    if undefined:
         raise Rejected(
             Reason.UNSUPPORTED_TRANSFER_SYNTAX, "encapsulated pixel data without a transfer syntax"
         )
@@ -422,7 +457,7 @@ def _transfer_syntax(ds: Dataset) -> UID:
 
 
 def _decode_dicom(data: bytes, size: int, limits: Limits) -> Decoded:
-    ds = _read_dataset(data, limits)
+    ds = NativeHeader.parse(data) or _read_dataset(data, limits)
     if not any(keyword in ds for keyword in _PIXEL_KEYWORDS):
         raise Rejected(Reason.NO_PIXEL_DATA, "dataset has no pixel data")
     rows, cols = _int(ds, "Rows"), _int(ds, "Columns")
@@ -465,12 +500,14 @@ def _decode_dicom(data: bytes, size: int, limits: Limits) -> Decoded:
     )
 
 
-def dicom_native(ds: Dataset, frame: int) -> tuple[np.ndarray, tuple[float, float] | None]:
+def dicom_native(ds: Dataset | NativeHeader, frame: int) -> tuple[np.ndarray, tuple[float, float] | None]:
     """Decode one frame to a 2-D float image in native units plus its window, per the module rules."""
     stored = _stored_frame(ds, frame)
     photometric = _text(ds, "PhotometricInterpretation")
     if photometric == "PALETTE COLOR":
-        return _luma(apply_color_lut(stored, ds)), None
+        with data_fault("unusable palette"):
+            rgb = apply_color_lut(stored, ds)
+        return _luma(rgb), None
     if stored.ndim == 3:  # RGB; pydicom already converted YBR_* to RGB
         return _luma(stored), None
     if stored.ndim != 2:
@@ -479,8 +516,9 @@ def dicom_native(ds: Dataset, frame: int) -> tuple[np.ndarray, tuple[float, floa
         raise Rejected(Reason.CORRUPT, f"single-sample image with photometric {photometric}")
     native = _rescale(stored, ds, frame)
     window = None
-    if ds.get("VOILUTSequence"):
-        native = apply_voi(np.rint(native).astype(np.int64), ds)
+    if _value(ds, "VOILUTSequence"):
+        with data_fault("unusable VOI LUT"):
+            native = apply_voi(np.rint(native).astype(np.int64), ds)
     else:
         window = _window(ds, frame)
     native = np.asarray(native, dtype=np.float32)
@@ -497,16 +535,20 @@ def _stored_frame(ds: Dataset, frame: int) -> np.ndarray:
     codecs decode a frame cut short without complaint, into an image whose lower part is noise, so
     a frame without it is refused before decoding.
     """
-    tsyntax = ds.file_meta.get("TransferSyntaxUID")
+    if isinstance(ds, NativeHeader):
+        return ds.frame(frame)
+    tsyntax = _value(ds.file_meta, "TransferSyntaxUID")
     encoded = _encoded_frame(ds, frame) if tsyntax in _END_MARKED else None
     if encoded is not None and not encoded.rstrip(b"\0\xff").endswith(b"\xff\xd9"):
         raise Rejected(Reason.CORRUPT, "compressed frame is truncated (no end-of-image marker)")
     try:
         return pixel_array(ds, index=frame)
-    except Exception as exc:  # pixel-level messages are technical (lengths, syntaxes), never PHI
+    except _NOT_DATA_FAULTS:
+        raise
+    except BaseException as exc:  # pixel-level messages are technical (lengths, syntaxes), never PHI
         failure = exc
     if encoded is not None and tsyntax in _SEQUENTIAL_JPEG:
-        with contextlib.suppress(Exception):  # the retry only ever adds a decode: report the first failure
+        with contextlib.suppress(Rejected), data_fault("undecodable"):  # the retry only adds a decode
             restated = _sequential_scans(encoded)
             if restated is not None:
                 return pixel_array(_single_frame(ds, restated))
@@ -531,17 +573,25 @@ def _single_frame(ds: Dataset, encoded: bytes) -> Dataset:
 
 
 def _rescale(stored: np.ndarray, ds: Dataset, frame: int) -> np.ndarray:
-    if ds.get("ModalityLUTSequence"):
-        return apply_rescale(stored, ds)
+    if _value(ds, "ModalityLUTSequence"):
+        with data_fault("unusable Modality LUT"):
+            return apply_rescale(stored, ds)
     group = "PixelValueTransformationSequence"
     slope = _frame_value(ds, frame, group, "RescaleSlope")
     intercept = _frame_value(ds, frame, group, "RescaleIntercept")
     native = stored.astype(np.float32)  # also makes big-endian and signed dtypes native float
     if slope not in (None, ""):
-        native *= np.float32(_first_float(slope))
+        native *= np.float32(_rescale_value(slope, "RescaleSlope"))
     if intercept not in (None, ""):
-        native += np.float32(_first_float(intercept))
+        native += np.float32(_rescale_value(intercept, "RescaleIntercept"))
     return native
+
+
+def _rescale_value(value: Any, keyword: str) -> float:
+    try:
+        return _first_float(value)
+    except (TypeError, ValueError):  # kept as text by pydicom's lenient reading: the value is garbled
+        raise Rejected(Reason.CORRUPT, f"invalid {keyword}") from None
 
 
 def _window(ds: Dataset, frame: int) -> tuple[float, float] | None:
@@ -565,6 +615,203 @@ def _window(ds: Dataset, frame: int) -> tuple[float, float] | None:
     return c - 0.5 - (w - 1) / 2, c - 0.5 + (w - 1) / 2
 
 
+# --------------------------------------------------------------------------- DICOM: the fast path
+
+_TAGS = {  # keyword -> (tag, VR) of what decoding reads
+    "Rows": (0x00280010, "US"), "Columns": (0x00280011, "US"), "BitsAllocated": (0x00280100, "US"),
+    "BitsStored": (0x00280101, "US"), "PixelRepresentation": (0x00280103, "US"),
+    "SamplesPerPixel": (0x00280002, "US"), "NumberOfFrames": (0x00280008, "IS"),
+    "PhotometricInterpretation": (0x00280004, "CS"), "PresentationLUTShape": (0x20500020, "CS"),
+    "RescaleSlope": (0x00281053, "DS"), "RescaleIntercept": (0x00281052, "DS"),
+    "WindowCenter": (0x00281050, "DS"), "WindowWidth": (0x00281051, "DS"), "VOILUTFunction": (0x00281056, "CS"),
+    "Modality": (0x00080060, "CS"), "BodyPartExamined": (0x00180015, "CS"), "StudyDescription": (0x00081030, "LO"),
+    "PatientID": (0x00100020, "LO"), "StudyInstanceUID": (0x0020000D, "UI"), "AccessionNumber": (0x00080050, "SH"),
+}  # fmt: skip
+_PIXEL_DATA = 0x7FE00010
+#: Present, these need what only pydicom does: float pixels, LUTs, functional groups.
+_PYDICOM_ONLY = frozenset({0x7FE00008, 0x7FE00009, 0x00283000, 0x00283010, 0x52009229, 0x52009230})
+_LONG_VRS = frozenset(
+    {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
+)
+_ITEM, _ITEM_END, _SEQUENCE_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
+_UNDEFINED = 0xFFFFFFFF
+_MAX_NESTING = 8
+_NATIVE_SYNTAXES = {ExplicitVRLittleEndian: False, ImplicitVRLittleEndian: True}  # syntax -> implicit VR
+_TEXT = frozenset(range(0x20, 0x7F))
+
+
+class _NotNative(Exception):
+    """The fast path steps aside: pydicom reads this file."""
+
+
+def _element(data: bytes, pos: int, implicit: bool) -> tuple[int, bytes | None, int, int]:
+    """(tag, VR or None, value length, value offset) of the element at ``pos``."""
+    if pos + 8 > len(data):
+        raise _NotNative
+    group, number = struct.unpack_from("<HH", data, pos)
+    tag = group << 16 | number
+    if implicit or group == 0xFFFE:  # items and delimiters carry no VR in either encoding
+        return tag, None, struct.unpack_from("<I", data, pos + 4)[0], pos + 8
+    vr = data[pos + 4 : pos + 6]
+    if vr in _LONG_VRS:
+        if pos + 12 > len(data):
+            raise _NotNative
+        return tag, vr, struct.unpack_from("<I", data, pos + 8)[0], pos + 12
+    if not vr.isalpha() or not vr.isupper():
+        raise _NotNative
+    return tag, vr, struct.unpack_from("<H", data, pos + 6)[0], pos + 8
+
+
+def _skip_sequence(data: bytes, pos: int, implicit: bool, depth: int) -> int:
+    """The offset after an undefined-length sequence whose first item starts at ``pos``."""
+    if depth > _MAX_NESTING:
+        raise _NotNative
+    while True:
+        tag, _, length, pos = _element(data, pos, True)
+        if tag == _SEQUENCE_END:
+            return pos
+        if tag != _ITEM:
+            raise _NotNative
+        if length != _UNDEFINED:
+            pos += length
+            continue
+        while True:  # an undefined-length item: its elements, up to the item delimiter
+            tag, vr, length, pos = _element(data, pos, implicit)
+            if tag == _ITEM_END:
+                break
+            if length == _UNDEFINED:
+                if vr not in (None, b"SQ", b"UN"):
+                    raise _NotNative
+                pos = _skip_sequence(data, pos, implicit or vr == b"UN", depth + 1)
+            else:
+                pos += length
+
+
+class NativeHeader:
+    """What decoding reads from a DICOM file in a native little-endian syntax, parsed with ``struct``.
+
+    It answers :func:`_value` as a pydicom Dataset does (values converted as pydicom converts
+    them), and :meth:`frame` gives what ``pixel_array`` gives; :meth:`parse` returns None for any
+    file outside the fast path (see the module doc), so pydicom judges every odd case.
+    """
+
+    def __init__(self, values: dict[str, Any], pixels: bytes, tsyntax: UID):
+        self.values, self.pixels = values, pixels
+        self.file_meta = {"TransferSyntaxUID": tsyntax}
+
+    def get(self, keyword: str, default: Any = None) -> Any:
+        return self.values.get(keyword, default)
+
+    def __contains__(self, keyword: str) -> bool:
+        return keyword in self.values
+
+    @classmethod
+    def parse(cls, data: bytes) -> NativeHeader | None:
+        try:
+            return cls._parse(data)
+        except (_NotNative, struct.error, ValueError):
+            return None
+
+    @classmethod
+    def _parse(cls, data: bytes) -> NativeHeader:
+        if data[128:132] != b"DICM":
+            raise _NotNative
+        meta, pos = {}, 132
+        while data[pos : pos + 2] == b"\x02\x00":  # the file meta, always explicit VR little endian
+            tag, _, length, pos = _element(data, pos, False)
+            if length == _UNDEFINED:
+                raise _NotNative
+            meta[tag], pos = data[pos : pos + length], pos + length
+        tsyntax = UID(meta.get(0x00020010, b"").rstrip(b"\0 ").decode("ascii"))
+        if tsyntax not in _NATIVE_SYNTAXES:
+            raise _NotNative
+        implicit = _NATIVE_SYNTAXES[tsyntax]
+        if implicit and data[pos + 4 : pos + 6].isalpha():
+            raise _NotNative  # explicit VR under an implicit syntax: pydicom's guess decides
+        raw: dict[int, tuple[bytes | None, bytes]] = {}
+        while pos < len(data):
+            tag, vr, length, pos = _element(data, pos, implicit)
+            if tag in _PYDICOM_ONLY or tag >> 16 == 0xFFFE:
+                raise _NotNative
+            if length == _UNDEFINED:
+                if tag == _PIXEL_DATA or vr not in (None, b"SQ", b"UN"):
+                    raise _NotNative  # encapsulated pixel data in a native syntax: pydicom judges
+                pos = _skip_sequence(data, pos, implicit or vr == b"UN", 0)  # UN: implicit VR inside
+                continue
+            if pos + length > len(data):
+                raise _NotNative
+            raw[tag], pos = (vr, data[pos : pos + length]), pos + length
+        if raw.get(_PIXEL_DATA, (b"UN",))[0] not in (None, b"OB", b"OW"):
+            raise _NotNative
+        values: dict[str, Any] = {"PixelData": True}
+        for keyword, (tag, vr) in _TAGS.items():
+            if tag in raw:
+                found, value = raw[tag]
+                if found is not None and found.decode() != vr:
+                    raise _NotNative
+                values[keyword] = _native_value(value, vr)
+        header = cls(values, raw[_PIXEL_DATA][1], tsyntax)
+        header._check()
+        return header
+
+    def _check(self) -> None:
+        """Only what the fast path decodes exactly as pydicom does; the rest goes to pydicom."""
+        get = self.values.get
+        if get("SamplesPerPixel") != 1 or get("PhotometricInterpretation") not in _MONOCHROME:
+            raise _NotNative
+        allocated, stored = get("BitsAllocated"), get("BitsStored")
+        if allocated not in (8, 16) or get("PixelRepresentation") not in (0, 1):
+            raise _NotNative
+        if stored is None or not 1 <= stored <= allocated:
+            raise _NotNative
+        rows, cols, frames = get("Rows"), get("Columns"), get("NumberOfFrames", 1) or 1
+        if not rows or not cols:
+            raise _NotNative
+        expected = rows * cols * frames * allocated // 8
+        if len(self.pixels) not in (expected, expected + 1):
+            raise _NotNative
+
+    def frame(self, index: int) -> np.ndarray:
+        """Frame ``index`` as ``pixel_array`` gives it: unused high bits cleared, or sign-extended."""
+        get = self.values.get
+        rows, cols, allocated = get("Rows"), get("Columns"), get("BitsAllocated")
+        dtype = np.dtype(("<i" if get("PixelRepresentation") else "<u") + str(allocated // 8))
+        count = rows * cols
+        pixels = np.frombuffer(self.pixels, dtype, count=count, offset=index * count * dtype.itemsize)
+        shift = allocated - get("BitsStored")
+        if shift:
+            pixels = np.right_shift(np.left_shift(pixels, shift), shift)
+        return pixels.reshape(rows, cols)
+
+
+def _native_value(value: bytes, vr: str) -> Any:
+    """``value`` as pydicom converts it (empty: None), or _NotNative where that is not plain."""
+    if vr == "US":
+        if len(value) != 2:
+            raise _NotNative
+        return struct.unpack("<H", value)[0]
+    text = value.rstrip(b"\0") if vr == "UI" else value
+    if not set(text) <= _TEXT:
+        raise _NotNative  # another character set, control characters, NUL: pydicom's conversion decides
+    text = text.decode("ascii").strip()
+    if not text:
+        return None
+    if "\\" in text:  # several values: pydicom's MultiValue, for the DS values decoding reads
+        if vr != "DS":
+            raise _NotNative
+        values = [v.strip() for v in text.split("\\")]
+        for v in values:
+            float(v)
+        return values
+    if vr == "IS":
+        if not text.isdigit():
+            raise _NotNative
+        return int(text)
+    if vr == "DS":
+        float(text)  # what pydicom would keep as text goes to pydicom
+    return text
+
+
 # --------------------------------------------------------------------------- PNG / JPEG
 
 
@@ -586,7 +833,7 @@ def _decode_raster(data: bytes, kind: str, size: int, limits: Limits) -> Decoded
         image = Image.open(BytesIO(data), formats=[kind.upper()])  # lazy: reads the header only
     except Image.DecompressionBombError:  # beyond twice Pillow's own limit, checked on open
         raise Rejected(Reason.TOO_LARGE, "image dimensions refused by Pillow") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+    except Exception as exc:  # whatever Pillow raises on a header it cannot parse
         if kind != "jpeg":
             raise Rejected(Reason.CORRUPT, f"unreadable {kind} header ({type(exc).__name__})") from None
         native, photometric, bits = _libjpeg_raster(data, limits)  # Pillow opens 8-bit JPEG only
@@ -618,9 +865,10 @@ def _pillow_raster(image: Image.Image, kind: str, limits: Limits) -> tuple[np.nd
         image.load()
     except Image.DecompressionBombError:
         raise Rejected(Reason.TOO_LARGE, f"{rows}x{cols} pixels refused by Pillow") from None
-    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+    except Exception as exc:
         raise Rejected(Reason.CORRUPT, f"truncated or corrupt {kind} ({type(exc).__name__})") from None
-    native, photometric, bits = _raster_native(image)
+    with data_fault(f"unconvertible {kind}"):
+        native, photometric, bits = _raster_native(image)
     return _upright(native, image.getexif), photometric, bits
 
 
@@ -644,9 +892,10 @@ def _libjpeg_raster(data: bytes, limits: Limits) -> tuple[np.ndarray, str, int]:
         raise Rejected(Reason.CORRUPT, f"jpeg with {frame.components} components")
     if data.find(b"\xff\xd9", frame.scan) < 0:  # libjpeg fills a truncated scan in silently
         raise Rejected(Reason.CORRUPT, "truncated jpeg (no end-of-image marker after the scan)")
+    restated = _sequential_scans(data) or data
     try:
-        stored = libjpeg.decode(_sequential_scans(data) or data)
-    except RuntimeError as exc:
+        stored = libjpeg.decode(restated)
+    except Exception as exc:
         raise Rejected(Reason.CORRUPT, f"truncated or corrupt jpeg ({_technical(exc)})") from None
     if stored.ndim == 2:
         native, photometric = stored.astype(np.float32), "MONOCHROME2"
@@ -661,7 +910,7 @@ def _upright(native: np.ndarray, read_exif: Callable[[], Image.Exif]) -> np.ndar
     """``native`` turned as its EXIF Orientation says; an unreadable EXIF block is ignored, like a bad window."""
     try:
         orientation = read_exif().get(_ORIENTATION)
-    except (SyntaxError, struct.error):  # what Pillow raises for a damaged TIFF structure
+    except Exception:  # Pillow parsing a damaged TIFF structure
         return native
     turn = _UPRIGHT.get(orientation) if isinstance(orientation, int) else None
     return native if turn is None else turn(native)

@@ -58,9 +58,9 @@ def decode_members(data: bytes, name: str, size: int, limits: Limits) -> tuple[l
     ([(path, pixels)], [(path, reason, detail)])."""
     leaves, rejected = expand(name, data, limits)
     images, failures = [], [(r["member_path"], r["reason"], r["detail"]) for r in rejected]
-    for path, body in leaves:
+    for path, body, kind in leaves:
         try:
-            images.append((path, decode_image(body, path or name, size, limits).pixels))
+            images.append((path, decode_image(body, path or name, size, limits, kind).pixels))
         except Rejected as exc:
             failures.append((path, str(exc.reason), exc.detail))
     return images, failures

@@ -19,6 +19,7 @@ import base64
 import http.client
 import json
 import os
+import random
 import ssl
 import threading
 import time
@@ -37,11 +38,19 @@ from botocore.httpsession import get_cert_path
 from botocore.utils import get_environ_proxies
 
 from mmpipe.config import Settings
-from mmpipe.errors import StoreError
+from mmpipe.errors import ConfigError, StoreError
 
 PRESIGN_SECONDS = 900
-FETCH_ATTEMPTS = 4
-RETRY_STATUSES = frozenset({500, 502, 503, 504})
+FETCH_ATTEMPTS = 5
+#: Answers that mean "try again later": 5xx and throttling, as botocore's standard retry mode treats them.
+RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
+RETRY_CODES = frozenset(
+    {"SlowDown", "Throttling", "ThrottlingException", "RequestLimitExceeded", "RequestTimeout", "InternalError",
+     "ServiceUnavailable"}
+)  # fmt: skip
+DENIED_STATUSES = frozenset({401, 403})
+MISSING_CODES = frozenset({"NoSuchKey", "NotFound", "404"})
+BACKOFF_CAP = 20.0
 CONNECT_TIMEOUT, READ_TIMEOUT = 5.0, 120.0
 LIST_THREADS = 8
 MAX_PARALLEL_FOLDERS = 4 * LIST_THREADS
@@ -53,6 +62,24 @@ class ObjectInfo:
     etag: str
     size: int
     modified: str = ""  # LastModified exactly as the store reports it (compared, never parsed)
+
+
+class StoreUnavailable(StoreError):
+    """A transient fault (5xx, throttling, a timeout, a reset or refused connection) that outlasted
+    the retries: the work is left for the next attempt, never judged."""
+
+
+class AccessDenied(StoreError):
+    """The store refuses the configured credentials (403): no retry helps, so the run fails."""
+
+
+class NotFound(StoreError):
+    """404 / NoSuchKey: the one answer that means the object is absent."""
+
+
+def backoff(attempt: int) -> float:
+    """Seconds to wait before retry ``attempt`` (1, 2, ...): full jitter, capped, like botocore's standard mode."""
+    return random.random() * min(BACKOFF_CAP, 2.0 ** (attempt - 1))
 
 
 def uri(bucket: str, key: str) -> str:
@@ -80,16 +107,19 @@ class Getter:
     """GETs of presigned URLs over one kept-alive ``http.client`` connection per thread and host.
 
     Connections are opened lazily by the thread (and process) that uses them: a client copied into a
-    forked decode process, or shared by worker threads, never shares a socket. Connection failures
-    and 5xx answers are retried with backoff on a fresh connection; other answers fail at once.
+    forked decode process, or shared by worker threads, never shares a socket. Transient failures
+    (connection refused or reset, timeouts, a body cut short, 5xx, throttling) are retried up to
+    ``attempts`` times in all, with jittered exponential backoff, on a fresh connection; other
+    answers (403, 404, ...) fail at once.
     Like boto3, it verifies TLS against ``ca_bundle`` (``AWS_CA_BUNDLE``: a hospital's own CA for
     MinIO) and goes through the ``HTTP(S)_PROXY`` that applies to the endpoint, unless ``NO_PROXY``
     exempts it: CONNECT tunnels for HTTPS, absolute request targets for plain HTTP.
     """
 
-    def __init__(self, ca_bundle: str | None = None) -> None:
+    def __init__(self, ca_bundle: str | None = None, attempts: int = FETCH_ATTEMPTS) -> None:
         self._cafile = get_cert_path(ca_bundle or True)
         self._local = threading.local()
+        self.attempts = attempts
 
     def _route(self, scheme: str, netloc: str) -> _Route:
         local = self._local
@@ -109,7 +139,9 @@ class Getter:
             return _Route(http.client.HTTPConnection(netloc, timeout=CONNECT_TIMEOUT))
         via = urlsplit(proxy if "://" in proxy else "http://" + proxy)
         if via.scheme != "http":
-            raise GetFailed(f"unsupported proxy scheme {via.scheme!r} (bulk reads use http:// proxies)")
+            raise ConfigError(
+                f"unsupported proxy scheme {via.scheme!r}: set HTTP(S)_PROXY to an http:// proxy"
+            )
         address, headers = f"{via.hostname}:{via.port or 80}", {}
         if via.username:
             user = f"{unquote(via.username)}:{unquote(via.password or '')}"
@@ -125,9 +157,9 @@ class Getter:
         parts = urlsplit(url)
         route = self._route(parts.scheme, parts.netloc)
         target = url if route.absolute else urlunsplit(("", "", parts.path, parts.query, ""))
-        for attempt in range(FETCH_ATTEMPTS):
+        for attempt in range(self.attempts):
             if attempt:
-                time.sleep(0.2 * 2 ** (attempt - 1))
+                time.sleep(backoff(attempt))
             try:
                 if route.conn.sock is None:
                     route.conn.connect()
@@ -143,19 +175,24 @@ class Getter:
                 continue
             if response.status == 200:
                 return body
-            failure = GetFailed(f"HTTP {response.status}", code=_error_code(body))
-            if response.status not in RETRY_STATUSES:
+            failure = GetFailed(f"HTTP {response.status}", code=_error_code(body), status=response.status)
+            if not failure.transient:
                 break
         raise failure
 
 
 class GetFailed(Exception):
-    """A presigned GET that failed for good: what happened, the S3 error code if any, and whether
-    the endpoint refused the connection (it is down, not misbehaving)."""
+    """A presigned GET that failed for good: what happened, the HTTP status and S3 error code if an
+    answer came, and whether the endpoint refused the connection (it is down, not misbehaving)."""
 
-    def __init__(self, what: str, code: str | None = None, refused: bool = False):
+    def __init__(self, what: str, code: str | None = None, refused: bool = False, status: int | None = None):
         super().__init__(f"{what} {code}" if code else what)
-        self.code, self.refused = code, refused
+        self.code, self.refused, self.status = code, refused, status
+
+    @property
+    def transient(self) -> bool:
+        """No answer at all (refused, reset, timed out), or one that asks to try again."""
+        return self.status is None or self.status in RETRY_STATUSES or self.code in RETRY_CODES
 
 
 def _error_code(body: bytes) -> str | None:
@@ -167,7 +204,13 @@ def _error_code(body: bytes) -> str | None:
 
 
 class Store:
-    """Thin wrapper over an S3 client bound to one bucket; every error becomes a one-line StoreError."""
+    """Thin wrapper over an S3 client bound to one bucket; every error becomes a one-line StoreError.
+
+    Errors are classified, never guessed: transient faults are retried (botocore's retry modes for
+    boto3 calls, the same bounded backoff for presigned reads) and, if they outlast
+    ``s3_max_attempts``, raise :class:`StoreUnavailable`; only 404/NoSuchKey raises
+    :class:`NotFound`; 403 raises :class:`AccessDenied`, naming the fix.
+    """
 
     def __init__(self, settings: Settings):
         self.bucket = settings.s3_bucket
@@ -179,7 +222,8 @@ class Store:
         # dateutil, a sizeable part of the CPU of a small get_object or head_object.
         session.get_component("response_parser_factory").set_parser_defaults(timestamp_parser=str)
         # bulk reads; open their connections lazily, verified like boto3's (see Getter)
-        self._getter = Getter(session.get_config_variable("ca_bundle"))
+        self._getter = Getter(session.get_config_variable("ca_bundle"), settings.s3_max_attempts)
+        self.attempts = settings.s3_max_attempts
         self._client = boto3.Session(botocore_session=session).client(
             "s3",
             endpoint_url=settings.s3_endpoint_url,
@@ -187,7 +231,7 @@ class Store:
             aws_access_key_id=key_id.get_secret_value() if key_id else None,
             aws_secret_access_key=secret.get_secret_value() if secret else None,
             config=Config(
-                retries={"max_attempts": 3, "mode": "standard"},
+                retries={"total_max_attempts": settings.s3_max_attempts, "mode": settings.s3_retry_mode},
                 connect_timeout=5,
                 read_timeout=120,
                 max_pool_connections=32,
@@ -196,6 +240,7 @@ class Store:
         )
 
     def _call(self, what: str, fn: Any, **kwargs: Any) -> Any:
+        """``fn(**kwargs)`` (botocore retries transient faults itself), its errors classified."""
         try:
             return fn(**kwargs)
         except botocore.exceptions.NoCredentialsError:
@@ -205,14 +250,43 @@ class Store:
             ) from None
         except botocore.exceptions.EndpointConnectionError:
             raise self._unreachable() from None
+        except (botocore.exceptions.ConnectionError, botocore.exceptions.HTTPClientError) as exc:
+            raise StoreUnavailable(
+                f"{what} failed on {self.endpoint} after {self.attempts} attempts ({type(exc).__name__})"
+            ) from None
         except botocore.exceptions.ClientError as exc:
-            code = exc.response.get("Error", {}).get("Code", "?")
-            if code == "NoSuchBucket" or (code == "404" and "bucket" in what):
-                raise self._no_bucket() from None
-            raise StoreError(f"{what} failed on {self.endpoint}: {code}") from None
+            error, meta = exc.response.get("Error", {}), exc.response.get("ResponseMetadata", {})
+            code = str(error.get("Code", "?"))
+            raise self._classified(what, meta.get("HTTPStatusCode"), code, "Key" not in kwargs) from None
 
-    def _unreachable(self) -> StoreError:
-        return StoreError(
+    def _classified(
+        self, what: str, status: int | None, code: str, bucket_level: bool, detail: str | None = None
+    ) -> StoreError:
+        """The error an S3 error answer means (after any retries)."""
+        if code == "NoSuchBucket" or (bucket_level and status == 404):
+            return self._no_bucket()
+        if status == 404 or code in MISSING_CODES:
+            return NotFound(f"{what} failed on {self.endpoint}: HTTP 404 {code}")
+        if status in DENIED_STATUSES:
+            return self._denied(what, code)
+        if status in RETRY_STATUSES or code in RETRY_CODES:
+            return StoreUnavailable(
+                f"{what} failed on {self.endpoint} after {self.attempts} attempts: {code}"
+            )
+        return StoreError(f"{what} failed on {self.endpoint}: {detail or code}")
+
+    def _denied(self, what: str, code: str | None) -> AccessDenied:
+        if code == "RequestTimeTooSkewed":
+            fix = "this machine's clock is off: synchronise it (NTP)"
+        else:
+            fix = (
+                f"check that MMPIPE_S3_ACCESS_KEY_ID / MMPIPE_S3_SECRET_ACCESS_KEY are current (rotated?) "
+                f"and may read and write bucket {self.bucket!r}"
+            )
+        return AccessDenied(f"access denied by the image store at {self.endpoint} ({code}) on {what}: {fix}")
+
+    def _unreachable(self) -> StoreUnavailable:
+        return StoreUnavailable(
             f"image store unreachable at {self.endpoint}: start it (`mmpipe store serve`) "
             "or set MMPIPE_S3_ENDPOINT_URL"
         )
@@ -234,9 +308,11 @@ class Store:
         except GetFailed as exc:
             if exc.refused:
                 raise self._unreachable() from None
-            if exc.code == "NoSuchBucket":
-                raise self._no_bucket() from None
-            raise StoreError(f"{what} failed on {self.endpoint}: {exc}") from None
+            if exc.status is None:  # reset, timed out, cut short: on every attempt
+                raise StoreUnavailable(
+                    f"{what} failed on {self.endpoint} after {self.attempts} attempts: {exc}"
+                ) from None
+            raise self._classified(what, exc.status, exc.code or "?", "Key" not in params, str(exc)) from None
 
     def uri(self, key: str) -> str:
         return uri(self.bucket, key)
@@ -300,7 +376,9 @@ class Store:
             params["ContinuationToken"] = token
 
     def get(self, key: str) -> bytes:
-        return self._call("get " + key, self._client.get_object, Bucket=self.bucket, Key=key)["Body"].read()
+        """An object's bytes. Every read takes :meth:`fetch`'s path, so a body cut short is retried
+        too (botocore retries a ``get_object`` request, not the reading of its body)."""
+        return self.fetch(key)
 
     def fetch(self, key: str) -> bytes:
         """The bulk-read path (ingest, scoring): 0.50 vs 1.28 ms of client CPU per object through
@@ -308,9 +386,10 @@ class Store:
         return self._presigned_get("get " + key, "get_object", Bucket=self.bucket, Key=key)
 
     def head(self, key: str) -> ObjectInfo | None:
+        """The object's listing facts, or None when it is absent (404 only; other errors raise)."""
         try:
-            meta = self._client.head_object(Bucket=self.bucket, Key=key)
-        except botocore.exceptions.ClientError:
+            meta = self._call("head " + key, self._client.head_object, Bucket=self.bucket, Key=key)
+        except NotFound:
             return None
         return ObjectInfo(key, meta["ETag"].strip('"'), meta["ContentLength"])
 

@@ -1,7 +1,9 @@
 """Shared fixtures: a real SeaweedFS S3 endpoint, real PostgreSQL databases, isolated settings.
 
 Nothing here is mocked: the store is `weed mini` over HTTP, the catalog is PostgreSQL on
-127.0.0.1:5432 (``MMPIPE_TEST_DATABASE_URL``) or SQLite. Each test gets its own bucket and database.
+127.0.0.1:5432 (``MMPIPE_TEST_DATABASE_URL``), the database hospitals run. SQLite, the embedded
+default, only when a test asks for it (``ready(catalog="sqlite")``, or the ``catalog_kind``
+parametrisation where the embedded default matters). Each test gets its own bucket and database.
 """
 
 from __future__ import annotations
@@ -58,19 +60,37 @@ def pg_admin() -> Iterator[sa.Engine]:
 
 
 @pytest.fixture
-def pg_url(pg_admin: sa.Engine) -> Iterator[str]:
+def pg_database(pg_admin: sa.Engine) -> Iterator[Callable[[], str]]:
+    """Makes fresh, empty PostgreSQL databases (as many as the test asks for), dropped afterwards."""
+    names: list[str] = []
+
+    def make() -> str:
+        name = f"mmpipe_test_{uuid.uuid4().hex[:12]}"
+        with pg_admin.connect() as conn:
+            conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
+        names.append(name)
+        return pg_admin.url.set(database=name).render_as_string(hide_password=False)
+
+    yield make
+    with pg_admin.connect() as conn:
+        for name in names:
+            conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+@pytest.fixture
+def pg_url(pg_database: Callable[[], str]) -> str:
     """A fresh, empty PostgreSQL database for one test, dropped afterwards."""
-    name = f"mmpipe_test_{uuid.uuid4().hex[:12]}"
-    with pg_admin.connect() as conn:
-        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
-    yield pg_admin.url.set(database=name).render_as_string(hide_password=False)
-    with pg_admin.connect() as conn:
-        conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    return pg_database()
+
+
+#: The catalog a test gets when it asks for none: an address that fails loudly, never a silent SQLite.
+NO_CATALOG = "postgresql://no-catalog-asked-for.invalid/none"
 
 
 @pytest.fixture
 def make_settings(s3_endpoint: str, tmp_path: Path) -> Callable[..., Settings]:
-    """Settings bound to a fresh bucket, a temp home and (by default) a temp SQLite catalog."""
+    """Settings bound to a fresh bucket and a temp home; no catalog unless ``database_url`` is given
+    (``database_url=None``: the embedded default, SQLite under home)."""
 
     def make(**overrides: object) -> Settings:
         values: dict[str, object] = {
@@ -82,6 +102,7 @@ def make_settings(s3_endpoint: str, tmp_path: Path) -> Callable[..., Settings]:
             "pseudonym_salt": "test-salt-not-for-production",
             "image_size": 64,
             "ingest_workers": 4,
+            "database_url": NO_CATALOG,
         }
         values.update(overrides)
         return get_settings(**values)
@@ -90,10 +111,17 @@ def make_settings(s3_endpoint: str, tmp_path: Path) -> Callable[..., Settings]:
 
 
 @pytest.fixture
-def ready(make_settings: Callable[..., Settings]) -> Callable[..., tuple]:
-    """(settings, store, catalog) with the bucket created and the schema migrated."""
+def ready(make_settings: Callable[..., Settings], pg_database: Callable[[], str]) -> Callable[..., tuple]:
+    """(settings, store, catalog) with the bucket created and the schema migrated.
 
-    def make(**overrides: object) -> tuple:
+    The catalog is a fresh PostgreSQL database; ``catalog="sqlite"`` gives the embedded default
+    (SQLite under the temp home) instead, and an explicit ``database_url`` wins over both.
+    """
+
+    def make(catalog: str = "postgresql", **overrides: object) -> tuple:
+        if catalog not in ("postgresql", "sqlite"):
+            raise ValueError(f"catalog must be 'postgresql' or 'sqlite', got {catalog!r}")
+        overrides.setdefault("database_url", pg_database() if catalog == "postgresql" else None)
         settings = make_settings(**overrides)
         store = open_store(settings)
         store.ensure_bucket()
@@ -102,6 +130,12 @@ def ready(make_settings: Callable[..., Settings]) -> Callable[..., tuple]:
         return settings, store, db
 
     return make
+
+
+@pytest.fixture(params=["postgresql", "sqlite"])
+def catalog_kind(request: pytest.FixtureRequest) -> str:
+    """Both catalogs, for tests where the embedded default (SQLite) must behave as PostgreSQL does."""
+    return request.param
 
 
 def export_env(monkeypatch: pytest.MonkeyPatch, settings: Settings) -> None:

@@ -236,8 +236,8 @@ def snapshot(store, catalog) -> dict[str, object]:
 # --------------------------------------------------------------------------- tests
 
 
-def test_hospital_export_is_fully_accounted_and_a_rerun_does_nothing(ready, pg_url) -> None:
-    settings, store, catalog = ready(database_url=pg_url, **LIMITS)
+def test_hospital_export_is_fully_accounted_and_a_rerun_does_nothing(ready, catalog_kind) -> None:
+    settings, store, catalog = ready(catalog=catalog_kind, **LIMITS)
     objects = export()
     upload(store, objects)
     originals = {o.key: o.etag for o in store.list("training/")}
@@ -357,34 +357,59 @@ def test_a_current_duplicate_inherits_the_image_of_a_superseded_source(ready, pg
     assert catalog.scalar("SELECT count(*) FROM images WHERE status = 'active'") == 2
 
 
-def test_concurrent_batches_with_identical_content_store_it_once(ready, pg_url) -> None:
-    settings, store, catalog = ready(database_url=pg_url)
+def test_concurrent_batches_with_identical_content_store_it_once(ready, monkeypatch, catalog_kind) -> None:
+    """Both batches write their shards before either commits: the one committing second finds its
+    copy stored meanwhile, records a duplicate and writes its shard again without those pixels."""
+    settings, store, catalog = ready(catalog=catalog_kind, ingest_processes=1)
     body = dicom(pattern(50))
     keys = [f"training/brain_mri/P{n}/x.dcm" for n in range(2)]
     for key in keys:
         store.put(key, body)
-    objects = [store.head(k) for k in keys]
+    store.put("training/brain_mri/P9/other.dcm", dicom(pattern(51)))
+    batches = [[store.head(keys[0])], [store.head(keys[1]), store.head("training/brain_mri/P9/other.dcm")]]
     ingest.start_run(catalog, "parallel", "training/")
     results: list[dict] = []
-    barrier = threading.Barrier(2)
+    barrier, single_done, written, real_write = (
+        threading.Barrier(2),
+        threading.Event(),
+        set(),
+        ingest.write_shard,
+    )
 
-    def one(obj: ObjectInfo) -> None:
-        barrier.wait()
-        results.append(ingest.ingest_objects(settings, store, catalog, "parallel", [obj], "training/"))
+    def write_then_wait(store, key, rows, pixels):
+        uri = real_write(store, key, rows, pixels)
+        if threading.get_ident() not in written:  # its first shard: wait until both batches wrote theirs
+            written.add(threading.get_ident())
+            barrier.wait(timeout=60)
+            if len(rows) == 2:  # the mixed batch commits second
+                single_done.wait(timeout=60)
+        return uri
 
-    threads = [threading.Thread(target=one, args=(o,)) for o in objects]
+    monkeypatch.setattr(ingest, "write_shard", write_then_wait)
+
+    def one(objects: list[ObjectInfo]) -> None:
+        results.append(ingest.ingest_objects(settings, store, catalog, "parallel", objects, "training/"))
+        single_done.set()
+
+    threads = [threading.Thread(target=one, args=(b,)) for b in batches]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    report = ingest.finish_run(store, catalog, "parallel", 2, 2, results)
-    assert (report["ingested"], report["duplicate"]) == (1, 1)
-    assert catalog.scalar("SELECT count(*) FROM images") == 1
+    monkeypatch.undo()
+    report = ingest.finish_run(store, catalog, "parallel", 3, 3, results)
+    assert (report["ingested"], report["duplicate"]) == (2, 1)
+    assert catalog.scalar("SELECT count(*) FROM images") == 2
     assert catalog.scalar("SELECT count(*) FROM duplicates") == 1
+    ingest.sweep_orphans(settings.model_copy(update={"orphan_grace_hours": 0}), store, catalog)
+    kept = [ingest.load_shard(store, store.uri(o.key))[1] for o in store.list("curated/")]
+    assert sorted(i for ids in kept for i in ids) == sorted(
+        r["image_id"] for r in catalog.query("SELECT image_id FROM images")
+    )
 
 
 def test_retrying_a_committed_batch_changes_nothing(ready) -> None:
-    settings, store, catalog = ready()  # the embedded default: SQLite
+    settings, store, catalog = ready(catalog="sqlite")  # the embedded default
     for n in range(3):
         store.put(f"training/liver_ct/P{n}/a.dcm", dicom(pattern(60 + n), modality="CT"))
     store.put("training/liver_ct/P9/bad.dcm", b"garbage" * 40)

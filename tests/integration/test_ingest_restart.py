@@ -125,7 +125,7 @@ def test_killed_run_restarts_without_duplicates(ready, pg_url) -> None:
         ingest.load_shard(store, uri)  # every referenced shard exists and is whole
 
     # the same inputs in one clean run (on the embedded SQLite catalog) give the same catalog
-    clean_settings, clean_store, clean_catalog = ready()
+    clean_settings, clean_store, clean_catalog = ready(catalog="sqlite")
     for key, body in bodies.items():
         clean_store.put(key, body)
     ingest.run(clean_settings, clean_store, clean_catalog, "clean", batch_size=BATCH)

@@ -7,7 +7,16 @@ import pytest
 from mmpipe import embedded
 from mmpipe.config import get_settings
 from mmpipe.errors import StoreError
-from mmpipe.store import MAX_PARALLEL_FOLDERS, open_store, split_uri
+from mmpipe.store import (
+    MAX_PARALLEL_FOLDERS,
+    AccessDenied,
+    NotFound,
+    Store,
+    StoreUnavailable,
+    open_store,
+    split_uri,
+)
+from tests.faults.proxy import Faults, fault_proxy
 
 pytestmark = pytest.mark.integration
 
@@ -32,8 +41,15 @@ def test_data_survives_a_restart(tmp_path) -> None:
         embedded.stop(again)
 
 
-def test_tags_merge_and_never_touch_bytes(ready) -> None:
-    _, store, _ = ready()
+@pytest.fixture
+def store(make_settings) -> Store:
+    """A store with a fresh bucket (no catalog: these tests need none)."""
+    store = open_store(make_settings())
+    store.ensure_bucket()
+    return store
+
+
+def test_tags_merge_and_never_touch_bytes(store) -> None:
     store.put("incoming/a.zip", b"original")
     before = store.head("incoming/a.zip")
     store.put_tags("incoming/a.zip", {"hospital-tag": "keep"})
@@ -43,8 +59,7 @@ def test_tags_merge_and_never_touch_bytes(ready) -> None:
     assert store.head("incoming/a.zip").etag == before.etag
 
 
-def test_listing_pages_and_prefixes(ready) -> None:
-    _, store, _ = ready()
+def test_listing_pages_and_prefixes(store) -> None:
     for i in range(1005):  # more than one 1,000-key page
         store.put(f"training/brain_mri/{i:05d}.dcm", b"x")
     store.put("incoming/other.dcm", b"y")
@@ -57,8 +72,7 @@ def test_listing_pages_and_prefixes(ready) -> None:
     assert [o.key for o in store.list("incoming/")] == ["incoming/other.dcm"]
 
 
-def test_listing_many_folders_flat_gives_the_same_objects(ready) -> None:
-    _, store, _ = ready()
+def test_listing_many_folders_flat_gives_the_same_objects(store) -> None:
     keys = [f"incoming/S{n:03d}/im.dcm" for n in range(MAX_PARALLEL_FOLDERS + 3)] + ["incoming/top.dcm"]
     for key in keys:
         store.put(key, b"x")
@@ -66,8 +80,7 @@ def test_listing_many_folders_flat_gives_the_same_objects(ready) -> None:
     assert [o.key for o in store.list("incoming/S00")] == sorted(keys)[:10]  # few folders: in parallel
 
 
-def test_listing_reports_what_head_reports_for_awkward_keys(ready) -> None:
-    _, store, _ = ready()
+def test_listing_reports_what_head_reports_for_awkward_keys(store) -> None:
     keys = [
         "training/x/a b+c.dcm",
         "training/x/\u00fc%20&<>'.dcm",
@@ -90,8 +103,7 @@ def test_listing_a_missing_bucket_names_the_fix(make_settings) -> None:
         list(missing.list("training/"))
 
 
-def test_uri_helpers(ready) -> None:
-    _, store, _ = ready()
+def test_uri_helpers(store) -> None:
     assert split_uri(store.uri("models/a/card.json")) == (store.bucket, "models/a/card.json")
     with pytest.raises(StoreError):
         store.key_of("s3://another-bucket/key")
@@ -99,10 +111,48 @@ def test_uri_helpers(ready) -> None:
         split_uri("/local/path")
 
 
-def test_fetch_reads_what_get_reads_and_fails_clearly(ready) -> None:
-    _, store, _ = ready()
+def test_fetch_reads_what_get_reads_and_fails_clearly(store) -> None:
     body = bytes(range(256)) * 40
     store.put("training/x/a b+c.dcm", body)  # a key that needs URL quoting
     assert store.fetch("training/x/a b+c.dcm") == store.get("training/x/a b+c.dcm") == body
-    with pytest.raises(StoreError, match="HTTP 404"):
+    with pytest.raises(NotFound, match="HTTP 404"):
         store.fetch("training/x/missing.dcm")
+
+
+# --------------------------------------------------------------------------- errors are classified
+
+
+def through(store: Store, proxy, make_settings) -> Store:
+    """The same bucket, reached through ``proxy``."""
+    return open_store(make_settings(s3_bucket=store.bucket, s3_endpoint_url=proxy.url, s3_max_attempts=3))
+
+
+def test_only_a_404_means_absent(store, make_settings, s3_endpoint) -> None:
+    store.put("training/x/a.dcm", b"x")
+    assert store.head("training/x/missing.dcm") is None
+    every_read = Faults({"403": 1.0}, match=lambda method, path: method in ("GET", "HEAD"))
+    with fault_proxy(s3_endpoint, every_read) as proxy:
+        denied = through(store, proxy, make_settings)
+        for read in (denied.head, denied.fetch, denied.get):
+            with pytest.raises(AccessDenied, match=r"access denied .* MMPIPE_S3_ACCESS_KEY_ID") as exc:
+                read("training/x/a.dcm")  # a 403 is not "absent": head() used to answer None
+            assert "\n" not in str(exc.value)
+    assert every_read.injected["403"] == 3  # refused at once: no retry helps
+
+
+@pytest.mark.parametrize("fault", ["503", "reset", "cut"])
+def test_transient_faults_are_retried_and_then_unavailable(store, make_settings, s3_endpoint, fault) -> None:
+    store.put("training/x/a.dcm", b"payload" * 100)
+    once = Faults({fault: 1.0}, match=lambda method, path: "a.dcm" in path and not once.injected)
+    with fault_proxy(s3_endpoint, once) as proxy:
+        assert through(store, proxy, make_settings).fetch("training/x/a.dcm") == b"payload" * 100
+    assert once.injected[fault] == 1
+
+    always = Faults({fault: 1.0}, match=lambda method, path: "a.dcm" in path)
+    with fault_proxy(s3_endpoint, always) as proxy:
+        flaky = through(store, proxy, make_settings)
+        reads = [flaky.fetch] if fault == "cut" else [flaky.fetch, flaky.head]  # a HEAD has no body to cut
+        for read in reads:
+            with pytest.raises(StoreUnavailable, match="after 3 attempts"):
+                read("training/x/a.dcm")
+    assert always.injected[fault] == 3 * len(reads)  # s3_max_attempts each, boto3 calls and presigned reads

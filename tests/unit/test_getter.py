@@ -11,26 +11,23 @@ import ssl
 import subprocess
 import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 
 import pytest
 
-from mmpipe.store import GetFailed, Getter
+from mmpipe import store
+from mmpipe.store import BACKOFF_CAP, GetFailed, Getter, backoff
+from tests.faults.proxy import LocalServer
 
 
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-
+class _Server(LocalServer):
     def __init__(self) -> None:
-        super().__init__(("127.0.0.1", 0), _Handler)
+        super().__init__(_Handler)
         self.script: list[tuple[int, bytes]] = []  # answers to give, in order; then 200 b"ok"
         self.requests: list[str] = []
         self.proxy_auth: list[str | None] = []
         self.close_after_each = False
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.server_port}"
+        self.truncate = 0  # answers to cut short
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -42,6 +39,13 @@ class _Handler(BaseHTTPRequestHandler):
         server.proxy_auth.append(self.headers.get("Proxy-Authorization"))
         status, body = server.script.pop(0) if server.script else (200, b"ok")
         self.send_response(status)
+        if server.truncate:
+            server.truncate -= 1
+            self.send_header("Content-Length", str(len(body) + 100))
+            self.end_headers()
+            self.wfile.write(body)
+            self.close_connection = True
+            return
         self.send_header("Content-Length", str(len(body)))
         if server.close_after_each:
             self.send_header("Connection", "close")
@@ -51,6 +55,12 @@ class _Handler(BaseHTTPRequestHandler):
 
     def log_message(self, *args: object) -> None:
         pass
+
+
+@pytest.fixture(autouse=True)
+def no_waiting(monkeypatch) -> None:
+    """Retries without their backoff sleeps (test_backoff_... checks the delays themselves)."""
+    monkeypatch.setattr(store, "backoff", lambda attempt: 0.0)
 
 
 @pytest.fixture
@@ -72,25 +82,53 @@ def test_keeps_one_connection_and_sends_path_and_query(server) -> None:
     assert server.requests == ["/bucket/a%20b.dcm?X-Sig=1&Y=2", "/bucket/c.dcm"]
 
 
-def test_retries_server_errors_then_succeeds(server) -> None:
-    server.script = [(503, b"busy"), (500, b"oops")]
+SLOW_DOWN = b"<Error><Code>SlowDown</Code></Error>"
+
+
+def test_retries_server_errors_and_throttling_then_succeeds(server) -> None:
+    server.script = [
+        (503, SLOW_DOWN),
+        (500, b"oops"),
+        (429, b""),
+        (400, b"<Error><Code>RequestTimeout</Code></Error>"),
+    ]
     assert Getter().get(server.url + "/k") == b"ok"
-    assert len(server.requests) == 3
+    assert len(server.requests) == 5
 
 
-def test_client_errors_fail_at_once_with_the_s3_code(server) -> None:
-    server.script = [(404, b"<Error><Code>NoSuchKey</Code></Error>")]
-    with pytest.raises(GetFailed, match="HTTP 404 NoSuchKey") as exc:
+@pytest.mark.parametrize(
+    ("status", "code"), [(404, "NoSuchKey"), (403, "AccessDenied"), (400, "InvalidArgument")]
+)
+def test_client_errors_fail_at_once_with_the_s3_code(server, status, code) -> None:
+    server.script = [(status, f"<Error><Code>{code}</Code></Error>".encode())]
+    with pytest.raises(GetFailed, match=f"HTTP {status} {code}") as exc:
         Getter().get(server.url + "/k")
-    assert exc.value.code == "NoSuchKey" and not exc.value.refused
+    assert (exc.value.status, exc.value.code, exc.value.transient, exc.value.refused) == (
+        status,
+        code,
+        False,
+        False,
+    )
     assert len(server.requests) == 1
 
 
-def test_gives_up_after_persistent_server_errors(server) -> None:
-    server.script = [(503, b"")] * 10
-    with pytest.raises(GetFailed, match="HTTP 503"):
-        Getter().get(server.url + "/k")
-    assert len(server.requests) == 4
+def test_gives_up_after_the_configured_attempts(server) -> None:
+    server.script = [(503, SLOW_DOWN)] * 10
+    with pytest.raises(GetFailed, match="HTTP 503 SlowDown") as exc:
+        Getter(attempts=3).get(server.url + "/k")
+    assert exc.value.transient and len(server.requests) == 3
+
+
+def test_a_body_cut_short_is_retried(server) -> None:
+    server.truncate = 1  # the first answer promises more bytes than it sends, then the connection closes
+    assert Getter().get(server.url + "/k") == b"ok"
+    assert len(server.requests) == 2
+
+
+def test_backoff_is_jittered_exponential_and_capped() -> None:
+    delays = [[backoff(attempt) for _ in range(200)] for attempt in (1, 2, 3, 8)]
+    assert all(0 <= d <= 1 for d in delays[0]) and max(delays[1]) > 1 and max(delays[2]) > 2
+    assert max(delays[3]) <= BACKOFF_CAP and len(set(delays[0])) > 100  # jitter: no thundering herd
 
 
 def test_reconnects_when_the_server_closes_a_kept_connection(server) -> None:

@@ -420,12 +420,22 @@ def test_frame_and_object_limits() -> None:
     assert rejection(mr, limits=few_pixels).reason is Reason.TOO_LARGE
 
 
-def test_deflate_bomb_is_measured_before_pydicom_inflates_it() -> None:
-    data = local("image_dfl.dcm")  # ~4.6 kB deflated, inflates to ~260 kB
+@pytest.mark.parametrize("strip", [0, 132], ids=["part10", "no-preamble"])
+def test_deflate_bomb_is_measured_before_pydicom_inflates_it(strip: int) -> None:
+    """Without preamble and DICM prefix pydicom still reads the file meta and inflates: so does the guard."""
+    data = local("image_dfl.dcm")[strip:]  # ~4.6 kB deflated, inflates to ~260 kB
     assert decode(data).n_frames == 1
     assert rejection(data, limits=Limits(**{**LIMITS.__dict__, "max_object_bytes": 100_000})).reason is (
         Reason.TOO_LARGE
     )
+
+
+def test_a_rust_codec_panic_is_a_data_fault_not_a_crash() -> None:
+    """pylibjpeg-rle panics (a BaseException, not an Exception) on this damaged RLE segment."""
+    data = bytearray(local("MR_small_RLE.dcm"))
+    data[2436] = 145
+    exc = rejection(bytes(data))
+    assert exc.reason is Reason.CORRUPT and "PanicException" in exc.detail
 
 
 def test_unsupported_transfer_syntax() -> None:
@@ -666,3 +676,72 @@ def test_truncated_compressed_frames_are_refused_and_padding_is_not(name) -> Non
     )
     padded = decode(with_frame(frame + b"\0\0"))
     assert np.array_equal(padded.pixels, decode(local(name)).pixels)
+
+
+# --------------------------------------------------------------------------- the native fast path
+
+NATIVE_FILES = (
+    "CT_small.dcm", "MR_small.dcm", "MR_small_implicit.dcm", "MR_small_padded.dcm", "liver_1frame.dcm",
+    "rtdose_1frame.dcm", "examples_overlay.dcm", "no_meta_group_length.dcm", "nested_priv_SQ.dcm",
+)  # fmt: skip
+
+
+def outcome(data: bytes) -> tuple:
+    """Everything decoding gives: the Decoded's fields and pixels, or the rejection."""
+    try:
+        decoded = decode(data)
+    except Rejected as exc:
+        return ("rejected", exc.reason, exc.detail)
+    fields = {k: v for k, v in decoded.__dict__.items() if k != "pixels"}
+    return ("decoded", tuple(sorted(fields.items())), decoded.pixels.tobytes())
+
+
+def native_corpus() -> list[bytes]:
+    """Synthetic studies of every class (CT signed with rescale and window, MONOCHROME1, 8-bit OCT,
+    multi-frame), pydicom's native-syntax files, and the same re-encoded with bits stored < allocated."""
+    from mmpipe.synth import generate
+
+    bodies = [o.body for o in generate(60, size=40, seed=2, formats={"dicom": 1.0}, archive_fraction=0)]
+    bodies += [local(name) for name in NATIVE_FILES if (TEST_FILES / name).is_file()]
+    for signed in (0, 1):
+        ds = pydicom.dcmread(io.BytesIO(local("CT_small.dcm")))
+        ds.BitsStored, ds.PixelRepresentation = 12, signed  # high bits hold garbage pydicom clears
+        ds.NumberOfFrames, ds.WindowCenter, ds.WindowWidth = 1, [40, 400], [350, 1500]
+        buffer = io.BytesIO()
+        ds.save_as(buffer)
+        bodies.append(buffer.getvalue())
+    return bodies
+
+
+def test_the_fast_path_decodes_exactly_as_pydicom(monkeypatch) -> None:
+    from mmpipe.imaging import NativeHeader
+
+    corpus = native_corpus()
+    taken = sum(NativeHeader.parse(body) is not None for body in corpus)
+    assert taken >= 0.85 * len(corpus)  # the common case really takes it
+    fast = [outcome(body) for body in corpus]
+    monkeypatch.setattr(NativeHeader, "parse", classmethod(lambda cls, data: None))
+    assert fast == [outcome(body) for body in corpus]
+
+
+def test_damaged_native_files_end_as_pydicom_ends_them(monkeypatch) -> None:
+    """Header bytes changed at random: the fast path decodes only what pydicom decodes, the same way;
+    everything else it leaves to pydicom."""
+    from mmpipe.imaging import NativeHeader
+
+    rng = np.random.default_rng(3)
+    seeds = native_corpus()[::6]
+    mutants = []
+    for seed in seeds:
+        header = seed.index(b"\xe0\x7f\x10\x00")  # before the pixel data
+        for _ in range(60):
+            data = bytearray(seed)
+            for position in rng.integers(132, header, size=rng.integers(1, 4)):
+                data[position] = rng.integers(0, 256)
+            mutants.append(bytes(data))
+    fast = [outcome(body) for body in mutants]
+    monkeypatch.setattr(NativeHeader, "parse", classmethod(lambda cls, data: None))
+    slow = [outcome(body) for body in mutants]
+    differ = [(f, s) for f, s in zip(fast, slow, strict=True) if f != s]
+    assert not differ, differ[:3]
+    assert {o[0] for o in fast} == {"decoded", "rejected"}

@@ -8,10 +8,12 @@ import sqlite3
 import zipfile
 
 import numpy as np
+import pydicom
 import pytest
 from PIL import Image
 from pydicom.uid import SecondaryCaptureImageStorage
 
+from mmpipe import decoding
 from mmpipe.config import CLASSES, get_settings
 from mmpipe.decoding import decode_processes, expand, process_object
 from mmpipe.imaging import Limits
@@ -66,14 +68,14 @@ def process(key: str, data: bytes, labeler: Labeler | None = None):
 
 
 def test_plain_object_is_its_own_leaf() -> None:
-    assert expand("a.dcm", b"payload", LIMITS) == ([("", b"payload")], [])
+    assert expand("a.dcm", b"payload", LIMITS) == ([("", b"payload", "unknown")], [])
 
 
 def test_nested_archives_share_one_member_budget() -> None:
     inner = [make_zip([(f"m{i}.dcm", b"x%d" % i) for i in range(4)]) for _ in range(3)]
     outer = make_zip([(f"in{n}.zip", body) for n, body in enumerate(inner)])
     leaves, rejected = expand("k.zip", outer, LIMITS)  # 3 + 4 fit in 10, the next 4 do not
-    assert [path for path, _ in leaves] == [f"in0.zip!m{i}.dcm" for i in range(4)]
+    assert [leaf.path for leaf in leaves] == [f"in0.zip!m{i}.dcm" for i in range(4)]
     assert [(r["member_path"], r["reason"]) for r in rejected] == [
         ("in1.zip", "too_large"),
         ("in2.zip", "too_large"),
@@ -97,7 +99,7 @@ def test_archive_failing_midway_is_rejected_whole() -> None:
 def test_depth_and_empty_archives_are_rejected_with_their_member_path() -> None:
     deep = make_zip([("l1.zip", make_zip([("l2.zip", make_zip([("x.dcm", b"x")]))])), ("ok.txt", b"t")])
     leaves, rejected = expand("k.zip", deep, LIMITS)
-    assert [p for p, _ in leaves] == ["ok.txt"]
+    assert [leaf.path for leaf in leaves] == ["ok.txt"]
     assert [(r["member_path"], r["reason"]) for r in rejected] == [("l1.zip!l2.zip", "unsafe_archive")]
     leaves, rejected = expand("k.zip", make_zip([("e.zip", make_zip([]))]), LIMITS)
     assert leaves == [] and rejected[0]["member_path"] == "e.zip" and rejected[0]["reason"] == "empty"
@@ -173,3 +175,38 @@ def test_run_slug_is_never_a_dot_segment_or_empty(run_id: str) -> None:
 def test_decode_processes_default_to_one_more_than_the_cores() -> None:
     assert decode_processes(get_settings(ingest_processes=3)) == 3
     assert decode_processes(get_settings()) == (os.cpu_count() or 1) + 1
+
+
+# --------------------------------------------------------------------------- bugs are not data faults
+
+
+def test_a_bug_in_decoding_is_a_decoder_error_with_a_traceback_but_no_header_values(monkeypatch) -> None:
+    """A regression raising with a header value in its message: recorded, not quarantined, no PHI."""
+
+    def buggy(data, *args):
+        ds = pydicom.dcmread(io.BytesIO(data))
+        raise ValueError(f"cannot handle patient {ds.PatientID}")  # what a careless f-string does
+
+    archive = make_zip([("good.png", png(1)), ("bad.dcm", dicom(2, patient="MRN-SECRET-77"))])
+    real = decoding.decode_image
+    monkeypatch.setattr(
+        decoding, "decode_image", lambda data, *a: (buggy if b"DICM" in data else real)(data, *a)
+    )
+    outcome = process("training/brain_mri/E1/export.zip", archive)
+
+    assert outcome.quarantined == [] and len(outcome.images) == 1  # the object is held back whole by ingest
+    (error,) = outcome.errors
+    assert (error["kind"], error["member_path"]) == ("decoder_error", "bad.dcm")
+    assert error["error"].startswith("builtins.ValueError at test_ingest_unit.py:")
+    assert "in buggy" in error["traceback"] and "raise ValueError" in error["traceback"]
+    assert "MRN-SECRET-77" not in repr(error)
+
+
+def test_a_labeling_bug_holds_the_object_back() -> None:
+    class Exploding(Labeler):
+        def resolve(self, *args, **kwargs):
+            raise KeyError("unexpected")
+
+    outcome = process("training/brain_mri/E1/a.dcm", dicom(1), Exploding(CLASSES))
+    assert [e["kind"] for e in outcome.errors] == ["decoder_error"] and not outcome.quarantined
+    assert "KeyError" in outcome.errors[0]["error"]
