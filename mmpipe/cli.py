@@ -163,11 +163,7 @@ def cmd_quarantine_release(args: argparse.Namespace) -> None:
     from mmpipe import ingest, pipeline
 
     _, _, catalog = pipeline.connect()
-    release = ingest.release_quarantine(catalog, args.reason, args.run)
-    if args.json:
-        _print(release)
-        return
-    print(format_release(release))
+    tables.show(ingest.release_quarantine(catalog, args.reason, args.run), args.json, text=format_release)
 
 
 def format_release(release: dict[str, Any]) -> str:
@@ -196,7 +192,7 @@ def cmd_validate(args: argparse.Namespace) -> None:
         summary, failure = dataset.validate_ingest(*pipeline.connect(), args.run_id), None
     except dataset.ValidationFailed as exc:
         summary, failure = exc.summary, exc
-    if getattr(args, "json", False):
+    if args.json:
         _print(summary)
     else:
         print(format_validation(summary))
@@ -384,13 +380,11 @@ def build_parser() -> argparse.ArgumentParser:
     release = quarantine.add_parser("release", help="re-queue quarantined objects after a fix")
     release.add_argument("--reason", required=True, help="what was fixed (recorded with the release)")
     release.add_argument("--run", help="only what this ingest run quarantined")
-    release.add_argument("--json", action="store_true", help="print the release as JSON")
     release.set_defaults(fn=cmd_quarantine_release)
 
     val = sub.add_parser("validate", help="run the GX batch suite over an ingest run")
     val.add_argument("--run-id", required=True)
     # SUPPRESS: a global --json (if the parser has one) is not reset by this subcommand's default
-    val.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="the summary as JSON")
     val.set_defaults(fn=cmd_validate)
 
     ds = sub.add_parser("dataset", help="splits, frozen test snapshots and training plans")
