@@ -37,6 +37,12 @@ class Settings(BaseSettings):
     pseudonym_salt: SecretStr | None = Field(None, description="Secret salt for patient pseudonyms.")
     training_backend: Literal["local", "kubernetes"] = "local"
     device: str = Field("auto", description="'auto' (CUDA when present), 'cpu' or 'cuda'.")
+    train_loader_workers: int = Field(
+        1,
+        ge=0,
+        le=32,
+        description="Processes preparing training batches beside the model (0 = in the training process).",
+    )
     shard_size: int = Field(256, ge=1, description="Images per curated shard object.")
     ingest_workers: int = Field(8, ge=1, le=64, description="Concurrent downloads/decodes per ingest task.")
     max_object_bytes: int = Field(512 * 2**20, description="Largest object ingest will read.")

@@ -11,10 +11,11 @@ from dataclasses import asdict
 from typing import Any
 
 from mmpipe import dataset, evaluate, ingest, promote, score
+from mmpipe.candidate import Candidate
 from mmpipe.catalog import Catalog, open_catalog
 from mmpipe.config import Settings, get_settings
+from mmpipe.errors import ConfigError
 from mmpipe.store import ObjectInfo, Store, open_store
-from mmpipe.train import Candidate
 
 
 def connect(settings: Settings | None = None) -> tuple[Settings, Store, Catalog]:
@@ -75,13 +76,30 @@ def prepare_dataset(run_id: str, **options: Any) -> dict[str, Any]:
     return dataset.prepare_dataset(*connect(), run_id, **options)
 
 
-def candidates(backbones: Sequence[str], **options: Any) -> list[dict[str, Any]]:
-    """Candidate dicts for dynamic mapping, validated up front (unknown backbone -> one clear error)."""
-    out = []
-    for name in backbones:
-        data = {"name": name.replace("_", "-"), "backbone": name, **options}
-        out.append(asdict(Candidate.from_dict(data)))
-    return out
+def candidates(
+    specs: Sequence[dict[str, Any]] | None = None, backbones: Sequence[str] = (), **shared: Any
+) -> list[dict[str, Any]]:
+    """Candidate dicts for dynamic mapping, validated up front: each of ``specs`` (or one per backbone)
+    over the ``shared`` options (None = the recipe's default). Unknown options, duplicate names and
+    an ``init='champion'`` without a champion of that backbone fail here, before any training."""
+    from mmpipe.train import champion_checkpoint
+
+    shared = {k: v for k, v in shared.items() if v is not None}
+    chosen = [
+        Candidate.from_dict({**shared, **spec}) for spec in (specs or [{"backbone": b} for b in backbones])
+    ]
+    if not chosen:
+        raise ConfigError("no candidates: give candidates or backbones")
+    names = [c.name for c in chosen]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise ConfigError(f"candidate name(s) {twice} used twice: give each candidate its own name")
+    if any(c.init == "champion" for c in chosen):
+        _, _, catalog = connect()
+        for c in chosen:
+            if c.init == "champion":
+                champion_checkpoint(catalog, c.backbone)
+    return [c.to_dict() for c in chosen]
 
 
 # --- train / evaluate / promote ---------------------------------------------------------------

@@ -57,4 +57,4 @@ def test_retrain_params_are_typed_for_the_ui(dagbag: DagBag) -> None:
         params.keys()
     )
     schema = params.get_param("init").schema
-    assert schema.get("enum") == ["random", "pretrained"]
+    assert schema.get("enum") == ["pretrained", "random", "champion"]

@@ -120,7 +120,7 @@ def test_no_phi_anywhere_a_nightly_loop_writes(airflow_db, ready, monkeypatch, c
     caplog.set_level(logging.DEBUG)
     dags = DagBag(dag_folder=str(DAGS)).dags
     assert dags["mmpipe_ingest"].test().state == "success"
-    conf = {"backbones": ["tinycnn"], "epochs": 1, "image_size": 32, "batch_size": 32}
+    conf = {"backbones": ["tinycnn"], "init": "random", "epochs": 1, "image_size": 32, "batch_size": 32}
     assert dags["mmpipe_retrain"].test(run_conf=conf).state == "success"
     assert dags["mmpipe_score"].test().state == "success"
     assert catalog.scalar("SELECT count(*) FROM predictions") > 0  # scoring really ran

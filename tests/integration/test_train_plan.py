@@ -16,7 +16,7 @@ from mmpipe.train import Candidate, train_candidate
 
 pytestmark = pytest.mark.integration
 
-TINY = {"backbone": "tinycnn", "image_size": 32, "epochs": 2, "batch_size": 32}
+TINY = {"backbone": "tinycnn", "init": "random", "image_size": 32, "epochs": 2, "batch_size": 32}
 
 
 @pytest.fixture
