@@ -55,7 +55,13 @@ def test_ingest_retrain_score_through_airflow(airflow_db, ready, pg_url, monkeyp
     validation = catalog.query("SELECT success, docs_uri FROM validations WHERE suite = 'batch'")[0]
     assert validation["success"] and store.head(store.key_of(validation["docs_uri"])) is not None
 
-    conf = {"backbones": ["tinycnn", "resnet18"], "init": "random", "epochs": 2, "image_size": 48, "batch_size": 32}
+    conf = {
+        "backbones": ["tinycnn", "resnet18"],
+        "init": "random",
+        "epochs": 2,
+        "image_size": 48,
+        "batch_size": 32,
+    }
     run = dags["mmpipe_retrain"].test(run_conf=conf)
     assert run.state == "success"
     board = catalog.query("SELECT * FROM leaderboard")
