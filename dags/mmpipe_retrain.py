@@ -10,9 +10,14 @@
 3. `train`: one mapped task per candidate, each running `mmpipe train` (resumable: a retried task
    carries on from its last epoch's checkpoint) — a local process, or a GPU
    pod via KubernetesPodOperator when `MMPIPE_TRAINING_BACKEND=kubernetes`.
-4. `evaluate`: every candidate on the frozen test snapshot; metrics and plots to the catalog/store.
-5. `promote`: the best candidate becomes champion only if it beats the current one on the same
-   snapshot; a promotion emits the `mmpipe_champion` asset event (which triggers scoring).
+4. `evaluate`: every candidate whose training succeeded, on the frozen test snapshot (metrics, ECE
+   before/after temperature, latency, baselines, PNGs, the model card); a failed candidate is
+   skipped here and the others still compete.
+5. `promote`: the challenger is the succeeded candidate with the best *validation* metric; it becomes
+   champion only if it passes the gate on the test snapshot (primary metric vs the champion, margin
+   over the thumbnail baseline, per-class recall floors, smoke check through the scoring path); a
+   promotion emits the `mmpipe_champion` asset event (which triggers scoring). Rollback and forced
+   promotion: the `mmpipe_champion` DAG.
 
 Trigger with Params for backfills and experiments: `candidates` sets every option per candidate
 (e.g. EfficientNet-Lite0 pretrained and random side by side); the shared options below it
@@ -106,26 +111,33 @@ def mmpipe_retrain():
         return [{"plan_uri": prepared["plan_uri"], "candidate": c}
                 for c in pipeline.candidates(params["candidates"], params["backbones"], **shared)]  # fmt: skip
 
-    @task(max_active_tis_per_dagrun=2)
-    def evaluate(trained: dict, prepared: dict) -> dict:
+    @task(max_active_tis_per_dagrun=2, trigger_rule="all_done")  # runs whatever its training did
+    def evaluate(item: dict, prepared: dict, run_id=None) -> dict:
         from mmpipe import pipeline
 
-        return pipeline.evaluate_model(trained["model_version"], prepared["test_snapshot"])
+        name = item["candidate"]["name"]
+        result = pipeline.evaluate_candidate(run_id, name, prepared["test_snapshot"])
+        if result is None:
+            raise AirflowSkipException(f"training of {name} did not succeed: it does not compete")
+        return result
 
     @task(outlets=[CHAMPION], trigger_rule="none_failed")
     def promote(evaluations: list, prepared: dict, run_id=None) -> dict:
         from mmpipe import pipeline
 
         decision = pipeline.promote_best(
-            [e["model_version"] for e in evaluations], prepared["test_snapshot"], run_id
+            [e["model_version"] for e in evaluations or [] if e], prepared["test_snapshot"], run_id
         )
         if decision["decision"] != "promoted":
             raise AirflowSkipException(decision["reason"])  # no champion asset event
         return decision
 
     prepared = prepare_dataset()
-    trained = training_operator(settings, task_id="train").expand_kwargs(candidates(prepared))
-    evaluations = evaluate.partial(prepared=prepared).expand(trained=trained.output)
+    planned = candidates(prepared)
+    trained = training_operator(settings, task_id="train").expand_kwargs(planned)
+    # Mapped over the candidates, not over train's output: a failed training leaves no gap in the others.
+    evaluations = evaluate.partial(prepared=prepared).expand(item=planned)
+    trained >> evaluations
     evaluate_champion(prepared) >> promote(evaluations, prepared)
     report_task()
 

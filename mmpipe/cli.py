@@ -246,8 +246,24 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
 
 def cmd_promote(args: argparse.Namespace) -> None:
+    """The gate over candidates, or a person's rollback / forced promotion (recorded with a reason)."""
     from mmpipe import pipeline
+    from mmpipe.errors import ConfigError
 
+    if args.rollback or args.force:
+        if args.model_versions or (args.rollback and args.force):
+            raise ConfigError("--rollback and --force take no candidates and exclude each other")
+        if args.rollback:
+            _print(pipeline.change_champion("rollback", args.run_id, args.to, reason=args.reason))
+        else:
+            _print(
+                pipeline.change_champion("promote", args.run_id, args.force, force=True, reason=args.reason)
+            )
+        return
+    if args.to:
+        raise ConfigError("--to goes with --rollback")
+    if not (args.model_versions and args.snapshot):
+        raise ConfigError("name the candidate model versions and --snapshot (or use --rollback / --force)")
     _print(pipeline.promote_best(args.model_versions, args.snapshot, args.run_id))
 
 
@@ -284,14 +300,24 @@ def cmd_leaderboard(args: argparse.Namespace) -> None:
 
 
 def format_leaderboard(rows: Sequence[dict[str, Any]]) -> str:
-    header = f"{'candidate':<18} {'backbone':<16} {'snapshot':<10} {'accuracy':>8} {'macro-F1':>8} {'AUC':>6}  promoted"
+    """Candidates with the validation metric that chose among them, their test scores, and the two
+    baselines (majority class, 16x16-thumbnail linear) on the same snapshot."""
+
+    def num(value: Any, width: int) -> str:
+        return f"{value:>{width}.3f}" if value is not None else f"{'n/a':>{width}}"
+
+    header = (
+        f"{'candidate':<18} {'backbone':<16} {'init':<10} {'snapshot':<10} {'val-F1':>6} {'accuracy':>8} "
+        f"{'macro-F1':>8} {'AUC':>6} {'ECE':>6} {'majority':>8} {'thumb16':>7}  promoted"
+    )
     lines = [header, "-" * len(header)]
     for r in rows:
-        auc = f"{r['macro_auc']:.3f}" if r["macro_auc"] is not None else "  n/a"
         mark = "yes (champion)" if r["is_champion"] else "yes" if r["promoted"] else "no"
         lines.append(
-            f"{r['candidate']:<18} {r['backbone']:<16} {r['test_snapshot']:<10} "
-            f"{r['accuracy']:>8.3f} {r['macro_f1']:>8.3f} {auc:>6}  {mark}"
+            f"{r['candidate']:<18} {r['backbone']:<16} {r['init'] or 'n/a':<10} {r['test_snapshot']:<10} "
+            f"{num(r['val_macro_f1'], 6)} {num(r['accuracy'], 8)} {num(r['macro_f1'], 8)} "
+            f"{num(r['macro_auc'], 6)} {num(r['ece'], 6)} {num(r['majority_f1'], 8)} "
+            f"{num(r['thumbnail_f1'], 7)}  {mark}"
         )
     return "\n".join(lines)
 
@@ -411,10 +437,17 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--snapshot", required=True)
     ev.set_defaults(fn=cmd_evaluate)
 
-    pr = sub.add_parser("promote", help="promote the best candidate if it beats the champion")
-    pr.add_argument("model_versions", nargs="+")
-    pr.add_argument("--snapshot", required=True)
-    pr.add_argument("--run-id", required=True)
+    pr = sub.add_parser(
+        "promote",
+        help="gate the best candidate (chosen on validation) against the champion; or roll back / force",
+    )
+    pr.add_argument("model_versions", nargs="*", help="candidate model versions (the gate path)")
+    pr.add_argument("--snapshot", help="frozen test snapshot the gate judges on")
+    pr.add_argument("--run-id", default=CLI_RUN_ID)
+    pr.add_argument("--rollback", action="store_true", help="give the champion back to the one it replaced")
+    pr.add_argument("--to", metavar="VERSION", help="with --rollback: the former champion to go back to")
+    pr.add_argument("--force", metavar="MODEL_VERSION", help="make this model champion without the gate")
+    pr.add_argument("--reason", help="why (required with --force; recorded in the alias history)")
     pr.set_defaults(fn=cmd_promote)
 
     sc = sub.add_parser("score", help="score incoming objects with the champion and tag them")

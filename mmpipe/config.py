@@ -51,7 +51,24 @@ class Settings(BaseSettings):
     max_image_pixels: int = Field(8192 * 8192, description="Largest rows*columns of one frame.")
     max_frames: int = Field(2048, description="Most frames one multi-frame object may hold.")
     low_confidence: float = Field(0.6, ge=0, le=1, description="Scores below this are flagged for review.")
-    promotion_min_gain: float = Field(0.0, description="Macro-F1 gain a challenger needs over the champion.")
+    promotion_min_gain: float = Field(
+        0.0, ge=0, description="Gain in the primary metric a challenger needs over the champion."
+    )
+    # The rest of the promotion gate (mmpipe.promote): every rule must pass.
+    promotion_metric: Literal[
+        "macro_f1", "accuracy", "macro_auc", "macro_recall", "macro_precision", "macro_specificity"
+    ] = Field("macro_f1", description="The gate's primary metric on the frozen test snapshot.")
+    promotion_baseline_margin: float = Field(
+        0.02,
+        ge=0,
+        description="Primary-metric margin a challenger needs over the 16x16-thumbnail linear baseline.",
+    )
+    promotion_max_recall_drop: float = Field(
+        0.05, ge=0, le=1, description="Largest drop of any class's recall below the champion's."
+    )
+    promotion_min_class_recall: float = Field(
+        0.8, ge=0, le=1, description="Lowest recall any class may have (absolute floor)."
+    )
     retrain_schedule: Literal["cron", "asset"] = Field(
         "cron",
         description="mmpipe_retrain runs nightly (cron) or whenever ingest publishes validated curated "

@@ -56,6 +56,9 @@ class ModelCard:
     # Share of frozen-test predictions that a reduced precision ("bfloat16", "float16") keeps equal to
     # float32, measured at promotion; scoring uses a precision only where it is recorded high enough.
     precision_agreement: dict[str, float] = field(default_factory=dict)
+    # The latest evaluation on a frozen test snapshot (mmpipe.evaluate): which snapshot, and its metrics.
+    test_snapshot: str | None = None
+    test_metrics: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)

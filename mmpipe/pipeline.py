@@ -14,7 +14,7 @@ from mmpipe import dataset, evaluate, ingest, promote, score
 from mmpipe.candidate import Candidate
 from mmpipe.catalog import Catalog, open_catalog
 from mmpipe.config import Settings, get_settings
-from mmpipe.errors import ConfigError
+from mmpipe.errors import ConfigError, MmpipeError
 from mmpipe.store import ObjectInfo, Store, open_store
 
 
@@ -117,17 +117,59 @@ def evaluate_model(model_version: str, snapshot: str) -> dict[str, Any]:
     return evaluate.evaluate_model(settings, store, catalog, model_version, snapshot)
 
 
-def promote_best(model_versions: Sequence[str], snapshot: str, run_id: str) -> dict[str, Any]:
-    """Make sure the champion is measured on the snapshot (a no-op when it is), then apply the gate."""
+def evaluate_candidate(run_id: str, candidate: str, snapshot: str) -> dict[str, Any] | None:
+    """Evaluate what ``candidate`` trained in ``run_id``; None when its training did not succeed
+    (recorded as failed, or never started), so one failed candidate leaves the others to compete."""
     settings, store, catalog = connect()
-    evaluate.evaluate_champion(settings, store, catalog, snapshot, reason=f"before promotion in {run_id}")
-    return promote.promote_best(catalog, model_versions, snapshot, run_id, settings.promotion_min_gain)
+    found = catalog.query(
+        "SELECT model_version FROM training_runs WHERE airflow_run_id = :r AND candidate = :c "
+        "AND status = 'succeeded' AND model_version IS NOT NULL",
+        r=run_id,
+        c=candidate,
+    )
+    if not found:
+        return None
+    return evaluate.evaluate_model(settings, store, catalog, found[0]["model_version"], snapshot)
+
+
+def promote_best(model_versions: Sequence[str], snapshot: str, run_id: str) -> dict[str, Any]:
+    """The challenger chosen on validation among the succeeded candidates, judged on ``snapshot``."""
+    return promote.promote_best(*connect(), model_versions, snapshot, run_id)
+
+
+def change_champion(
+    action: str,
+    run_id: str,
+    model_version: str | None = None,
+    force: bool = False,
+    reason: str | None = None,
+    snapshot: str | None = None,
+) -> dict[str, Any]:
+    """A person's change of the champion: ``rollback`` (to ``model_version``, else to the champion the
+    current one replaced), or ``promote`` ``model_version`` through the gate on ``snapshot`` (default: the
+    newest frozen one), or past the gate with ``force`` and a ``reason``. Every change is in the alias history."""
+    settings, store, catalog = connect()
+    if action == "rollback":
+        return promote.rollback(catalog, run_id, reason or "rollback requested", to=model_version)
+    if action != "promote":
+        raise MmpipeError(f"unknown champion action {action!r}: promote or rollback")
+    if not model_version:
+        raise MmpipeError("name the model version to promote")
+    if force:
+        return promote.force(catalog, model_version, run_id, reason or "")
+    snapshot = snapshot or catalog.scalar(
+        "SELECT name FROM test_snapshots ORDER BY created_at DESC, name DESC LIMIT 1"
+    )
+    if snapshot is None:
+        raise MmpipeError("no frozen test snapshot to judge on: freeze one first")
+    return promote.promote_best(settings, store, catalog, [model_version], snapshot, run_id)
 
 
 def leaderboard(limit: int = 20) -> list[dict[str, Any]]:
     _, _, catalog = connect()
     return catalog.query(
-        "SELECT candidate, backbone, model_version, test_snapshot, accuracy, macro_f1, macro_auc, ece, "
+        "SELECT candidate, backbone, init, airflow_run_id, model_version, val_macro_f1, test_snapshot, "
+        "accuracy, macro_f1, macro_auc, ece_before, ece, latency_ms, majority_f1, thumbnail_f1, "
         "is_champion, promoted FROM leaderboard ORDER BY created_at DESC, macro_f1 DESC LIMIT :n",
         n=limit,
     )

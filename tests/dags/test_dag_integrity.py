@@ -9,7 +9,7 @@ import pytest
 from airflow.dag_processing.dagbag import DagBag
 
 DAGS = Path(__file__).resolve().parents[2] / "dags"
-EXPECTED = {"mmpipe_ingest", "mmpipe_retrain", "mmpipe_score"}
+EXPECTED = {"mmpipe_champion", "mmpipe_ingest", "mmpipe_retrain", "mmpipe_score"}
 
 
 @pytest.fixture(scope="module")
