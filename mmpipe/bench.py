@@ -26,11 +26,15 @@ from typing import Any
 import numpy as np
 import pydicom
 from PIL import Image
+from sklearn.ensemble import RandomForestClassifier
+from sklearn.metrics import f1_score
+from sklearn.model_selection import GroupShuffleSplit, ShuffleSplit
 
-from mmpipe import decoding, embedded, ingest, synth
+from mmpipe import baselines, decoding, embedded, ingest, synth
 from mmpipe.catalog import open_catalog, upgrade
-from mmpipe.config import Settings, get_settings
+from mmpipe.config import CLASSES, Settings, get_settings
 from mmpipe.errors import ConfigError, MmpipeError
+from mmpipe.imaging import Limits, decode_image
 from mmpipe.progress import progress
 from mmpipe.store import Store, open_store
 
@@ -132,3 +136,82 @@ def run(what: str, objects: int = 2000) -> dict[str, Any]:
         figures = bench_ingest(objects, Path(tmp))
     print(json.dumps(figures))
     return figures
+
+
+# --------------------------------------------------------------------------- bench synth
+
+
+def decode_corpus(objects: list[synth.SynthObject], size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Canonical uint8 images (N, size, size), class indices and patient ids, decoded as ingest does."""
+    limits = Limits(2**30, 10_000, 2**31, 8192 * 8192, 2048)
+    pixels, labels, patients = [], [], []
+    for obj in objects:
+        leaves, rejected = decoding.expand(obj.key, obj.body, limits)
+        if rejected:
+            raise MmpipeError(f"synthetic archive rejected: {rejected}")
+        for leaf in leaves:
+            pixels.append(decode_image(leaf.body, leaf.path or obj.key, size, limits, leaf.kind).pixels)
+            labels.append(CLASSES.index(obj.label))
+            patients.append(obj.patient_id)
+    return np.stack(pixels), np.array(labels), np.array(patients)
+
+
+def _random_forest(train: np.ndarray, labels: np.ndarray, test: np.ndarray, n_classes: int) -> np.ndarray:
+    model = RandomForestClassifier(300, min_samples_leaf=2, random_state=0, n_jobs=1).fit(train, labels)
+    probs = np.zeros((len(test), n_classes))
+    probs[:, model.classes_] = model.predict_proba(test)
+    return probs
+
+
+def thumbnail_scores(
+    images: np.ndarray, labels: np.ndarray, train: np.ndarray, test: np.ndarray
+) -> dict[str, float]:
+    """Test macro-F1 of the thumbnail baselines: the gate's linear model on 16x16, a random forest on 4x4."""
+    n = len(CLASSES)
+    linear = baselines.thumbnail_linear(images[train], labels[train], images[test], n)
+    small = baselines.thumbnails(images, 4)
+    forest = _random_forest(small[train], labels[train], small[test], n)
+    return {
+        "linear_16": round(f1_score(labels[test], linear.argmax(1), average="macro"), 4),
+        "rf_4": round(f1_score(labels[test], forest.argmax(1), average="macro"), 4),
+    }
+
+
+def split_inflation(
+    images: np.ndarray, labels: np.ndarray, patients: np.ndarray, repeats: int = 5
+) -> dict[str, float]:
+    """Mean test macro-F1 of the 16x16 linear baseline when 30% of the *images* are held out, and when
+    30% of the *patients* are: the difference is what a split by image would wrongly add."""
+    scores: dict[str, list[float]] = {"image_split": [], "patient_split": []}
+    for seed in range(repeats):
+        by_image = ShuffleSplit(1, test_size=0.3, random_state=seed).split(images)
+        by_patient = GroupShuffleSplit(1, test_size=0.3, random_state=seed).split(images, groups=patients)
+        for name, (train, test) in (("image_split", next(by_image)), ("patient_split", next(by_patient))):
+            probs = baselines.thumbnail_linear(images[train], labels[train], images[test], len(CLASSES))
+            scores[name].append(f1_score(labels[test], probs.argmax(1), average="macro"))
+    means = {name: round(float(np.mean(v)), 4) for name, v in scores.items()}
+    return means | {"inflation": round(means["image_split"] - means["patient_split"], 4)}
+
+
+def bench_synth(images: int, source_size: int, size: int, seed: int) -> dict[str, Any]:
+    """Thumbnail baselines per difficulty on a patient-level split, and the image-split inflation."""
+    results = {}
+    for difficulty in synth.DIFFICULTIES:
+        started = time.perf_counter()
+        objects = list(synth.generate(images, size=source_size, seed=seed, difficulty=difficulty))
+        pixels, labels, patients = decode_corpus(objects, size)
+        train, test = next(
+            GroupShuffleSplit(1, test_size=0.3, random_state=seed).split(pixels, groups=patients)
+        )
+        scores = thumbnail_scores(pixels, labels, train, test)
+        inflation = split_inflation(pixels, labels, patients)
+        print(
+            f"{difficulty:>9}: {len(pixels)} images of {len(set(patients))} patients "
+            f"({time.perf_counter() - started:.0f} s); patient-level split, test macro-F1: "
+            f"linear 16x16 {scores['linear_16']:.3f}, random forest 4x4 {scores['rf_4']:.3f}; "
+            f"linear 16x16 split by image {inflation['image_split']:.3f} vs by patient "
+            f"{inflation['patient_split']:.3f} (inflation {inflation['inflation']:+.3f})",
+            flush=True,
+        )
+        results[difficulty] = scores | {"split": inflation}
+    return {"bench": "synth", "images": images, "size": size, "results": results}

@@ -51,6 +51,7 @@ RLE_FRACTION = 0.1  # of DICOM images, so the RLE decoder path is always exercis
 MONOCHROME1_FRACTION = 0.3  # of chest X-ray patients
 PNG16_FRACTION = 0.4  # of PNGs whose native data is 16-bit
 MIN_SIZE = 32
+DIFFICULTIES = ("realistic", "hard")
 CT_PADDING_HU = (-2048, -3024)  # vendor values outside the reconstruction circle
 
 # Shared by both CT classes on purpose: a class-specific default window would be a header shortcut.
@@ -474,6 +475,79 @@ def render(label: str, rng: np.random.Generator, size: int) -> tuple[np.ndarray,
     return _RENDERERS[label](rng, size)
 
 
+# --------------------------------------------------------------------------- the hard difficulty
+
+
+@dataclass(frozen=True)
+class _Scanner:
+    """One patient's acquisition in the ``hard`` difficulty, shared by all their images: where the
+    anatomy sits in the field of view, how the scanner crops, blurs, shades and adds noise."""
+
+    zoom: float
+    angle: float
+    centre: tuple[float, float]
+    crop: tuple[float, float]
+    blur: float
+    gamma: float
+    bias: float
+    noise: float
+    field_seed: int
+
+
+def _draw_scanner(rng: np.random.Generator) -> _Scanner:
+    return _Scanner(
+        zoom=float(np.exp(rng.uniform(np.log(0.7), np.log(1.5)))),
+        angle=float(rng.uniform(-np.pi / 6, np.pi / 6)),
+        centre=(float(rng.uniform(-0.2, 0.2)), float(rng.uniform(-0.2, 0.2))),
+        crop=(float(rng.uniform(0.7, 1.0)), float(rng.uniform(0.7, 1.0))),
+        blur=float(rng.uniform(0.3, 1.2)),
+        gamma=float(np.exp(rng.uniform(np.log(0.5), np.log(2.0)))),
+        bias=float(rng.uniform(0.1, 0.5)),
+        noise=float(rng.uniform(0.01, 0.08)),
+        field_seed=int(rng.integers(2**31)),
+    )
+
+
+def _harden(array: np.ndarray, hints: dict, scanner: _Scanner, rng: np.random.Generator) -> np.ndarray:
+    """``array`` as ``scanner`` images it, with this image's small jitter (position, angle, zoom, crop)
+    and its own noise: same dtype and units, possibly a non-square crop."""
+    size = array.shape[0]
+    data = array.astype(np.float32)
+    ct = array.dtype == np.int16
+    if ct and hints.get("padding") is not None:  # resampling would smear the padding value into tissue
+        data[data == hints["padding"]] = -1000.0
+        hints["padding"] = None
+    fill = -1000.0 if ct else 0.0
+    zoom = scanner.zoom * float(np.exp(rng.normal(0, 0.05)))
+    angle = scanner.angle + float(rng.normal(0, 0.05))
+    cy, cx = (c + float(rng.normal(0, 0.04)) for c in scanner.centre)
+    # PIL's affine maps each output pixel (u, v) to the input pixel it samples.
+    cos, sin = np.cos(angle) / zoom, np.sin(angle) / zoom
+    half = size / 2
+    src_x, src_y = half + cx * half, half + cy * half
+    coeffs = (cos, -sin, src_x - cos * half + sin * half, sin, cos, src_y - sin * half - cos * half)
+    warped = Image.fromarray(data, mode="F").transform(
+        (size, size), Image.Transform.AFFINE, coeffs, Image.Resampling.BILINEAR, fillcolor=fill
+    )
+    data = _blur(np.asarray(warped, dtype=np.float32), scanner.blur)
+    field = _smooth_noise(np.random.default_rng(scanner.field_seed), size, 3)
+    if ct:  # HU stay physical: only noise (dose) varies
+        data += rng.standard_normal(data.shape, dtype=np.float32) * (800 * scanner.noise)
+        low, high = -1024.0, 3071.0
+    else:
+        high = float(np.iinfo(array.dtype).max)
+        top = max(float(data.max()), 1e-6)
+        data = (np.clip(data, 0, None) / top) ** scanner.gamma * (1 + scanner.bias * field)
+        data += rng.standard_normal(data.shape, dtype=np.float32) * scanner.noise
+        data = np.clip(data, 0, None) * (top / max(float(data.max()), 1e-6))
+        low = 0.0
+    rows = max(MIN_SIZE, round(size * scanner.crop[0] * float(rng.uniform(0.95, 1.0))))
+    cols = max(MIN_SIZE, round(size * scanner.crop[1] * float(rng.uniform(0.95, 1.0))))
+    top_row, left = int(rng.integers(0, size - rows + 1)), int(rng.integers(0, size - cols + 1))
+    data = data[top_row : top_row + rows, left : left + cols]
+    return np.rint(np.clip(data, low, high)).astype(array.dtype)
+
+
 # --------------------------------------------------------------------------- encoders
 
 
@@ -505,7 +579,8 @@ def dicom_bytes(
     ``hints`` keys used (all optional): modality ("CR" or "DX" for chest X-rays), body_part,
     photometric ("MONOCHROME1" stores inverted values), rle, series_number, instance_number,
     pixel_spacing, window, kvp, signed and padding (CT), sequence/repetition_time/echo_time (MR),
-    view (X-ray), laterality (OCT). ``phi`` are DICOM keywords written verbatim (PatientName=...),
+    view (X-ray), laterality (OCT), tags (keyword -> value written last, None deletes the element).
+    ``phi`` are DICOM keywords written verbatim (PatientName=...),
     so callers choose which identifying fields the file carries.
     """
     if label not in _MODALITY:
@@ -612,6 +687,11 @@ def dicom_bytes(
     ds.PixelData = stored.astype(stored.dtype.newbyteorder("<"), copy=False).tobytes()
     for keyword, value in phi.items():
         setattr(ds, keyword, value)
+    for keyword, value in hints.get("tags", {}).items():  # header faults: a wrong value, or None for none
+        if value is not None:
+            setattr(ds, keyword, value)
+        elif keyword in ds:
+            delattr(ds, keyword)
 
     ds.file_meta = FileMetaDataset()
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
@@ -715,6 +795,8 @@ def generate(
     images_per_patient: tuple[int, int] = (2, 4),
     formats: dict[str, float] | None = None,
     archive_fraction: float = 0.1,
+    difficulty: str = "realistic",
+    header_faults: float = 0.0,
 ) -> Iterator[SynthObject]:
     """Exactly ``n_images`` images as store objects, patient by patient.
 
@@ -724,6 +806,15 @@ def generate(
     ``images_per_patient`` except when ``n_images`` cannot be split that way. Patient IDs embed the
     seed ("SYN-<seed>-<n>") so batches from different seeds never share keys or patients.
     Same arguments give byte-identical objects. Arguments are checked before anything is produced.
+
+    ``difficulty`` "realistic" draws every image independently, and modality classification stays
+    as easy as it is on real data (a linear model on 16x16 thumbnails does well). "hard" images each
+    patient's anatomy once and takes all their images from it through one scanner (position, zoom,
+    rotation, crop, blur, shading, gamma, noise level: :class:`_Scanner`) with small per-image
+    jitter and fresh noise: coarse layout and intensity stop telling the classes apart, the finer
+    structure still does, and a patient's images are correlated, so an image-level split leaks.
+    ``header_faults`` is the share of DICOM patients whose Modality/BodyPartExamined are missing (half
+    of them) or name another class (the other half), so a header lookup is not the answer.
     """
     class_p = _check_distribution("weights", weights if weights is not None else TABLE_I_WEIGHTS, CLASSES)
     format_p = _check_distribution(
@@ -738,17 +829,25 @@ def generate(
         raise ValueError(f"size must be at least {MIN_SIZE} pixels, got {size}")
     if not 0 <= archive_fraction <= 1:
         raise ValueError(f"archive_fraction must be within [0, 1], got {archive_fraction}")
-    return _objects(n_images, size, seed, class_p, (lo, hi), format_p, archive_fraction)
+    if difficulty not in DIFFICULTIES:
+        raise ValueError(f"difficulty must be one of {', '.join(DIFFICULTIES)}, got {difficulty!r}")
+    if not 0 <= header_faults <= 1:
+        raise ValueError(f"header_faults must be within [0, 1], got {header_faults}")
+    options = _Options(size, format_p, archive_fraction, difficulty == "hard", header_faults)
+    return _objects(n_images, seed, class_p, (lo, hi), options)
+
+
+@dataclass(frozen=True)
+class _Options:
+    size: int
+    format_p: dict[str, float]
+    archive_fraction: float
+    hard: bool
+    header_faults: float
 
 
 def _objects(
-    n_images: int,
-    size: int,
-    seed: int,
-    class_p: dict[str, float],
-    bounds: tuple[int, int],
-    format_p: dict[str, float],
-    archive_fraction: float,
+    n_images: int, seed: int, class_p: dict[str, float], bounds: tuple[int, int], options: _Options
 ) -> Iterator[SynthObject]:
     plan = np.random.default_rng([seed, 0])
     counts = dict.fromkeys(CLASSES, 0)
@@ -759,19 +858,26 @@ def _objects(
         label = max(CLASSES, key=lambda c: class_p[c] * (done + k) - counts[c])
         counts[label] += k
         done += k
-        yield from _patient_objects(seed, patient, label, k, size, format_p, archive_fraction)
+        yield from _patient_objects(seed, patient, label, k, options)
         patient += 1
 
 
-def _patient_objects(
-    seed: int, index: int, label: str, n: int, size: int, format_p: dict[str, float], archive_fraction: float
-) -> Iterator[SynthObject]:
+def _header_fault(rng: np.random.Generator, label: str) -> dict[str, str | None]:
+    """Tags a faulty export writes: none at all, or another class's modality and body part."""
+    if rng.random() < 0.5:
+        return {"Modality": None, "BodyPartExamined": None}
+    other = str(rng.choice([c for c in CLASSES if _MODALITY[c] != _MODALITY[label]]))
+    return {"Modality": _MODALITY[other], "BodyPartExamined": _BODY_PART[other]}
+
+
+def _patient_objects(seed: int, index: int, label: str, n: int, options: _Options) -> Iterator[SynthObject]:
+    size, format_p = options.size, options.format_p
     rng = np.random.default_rng([seed, 1, index])
     patient_id = f"SYN-{seed}-{index:05d}"
     # Export folders are opaque ids, as hospital exports should be: keys never carry the PatientID.
     folder = "EXP" + hashlib.sha256(f"mmpipe-synth-{seed}-{index}".encode()).hexdigest()[:10]
     fmt = str(rng.choice(list(format_p), p=list(format_p.values())))
-    archived = rng.random() < archive_fraction
+    archived = rng.random() < options.archive_fraction
     phi = _fake_phi(rng, label, index)
     study_uid = generate_uid(entropy_srcs=["mmpipe-synth", str(seed), patient_id, "study"])
     series_uid = generate_uid(entropy_srcs=["mmpipe-synth", str(seed), patient_id, "series"])
@@ -781,11 +887,21 @@ def _patient_objects(
         patient_hints["photometric"] = "MONOCHROME1" if rng.random() < MONOCHROME1_FRACTION else "MONOCHROME2"
     elif label == "brain_mri":
         patient_hints["body_part"] = str(rng.choice(["HEAD", "BRAIN"]))
+    # Own generators, so the realistic difficulty without faults stays byte-identical to before.
+    if options.header_faults and np.random.default_rng([seed, 5, index]).random() < options.header_faults:
+        patient_hints["tags"] = _header_fault(np.random.default_rng([seed, 6, index]), label)
+    if options.hard:
+        anatomy, anatomy_hints = render(label, np.random.default_rng([seed, 3, index]), size)
+        scanner = _draw_scanner(np.random.default_rng([seed, 4, index]))
 
     members: list[tuple[str, bytes]] = []
     for i in range(n):
         image_rng = np.random.default_rng([seed, 2, index, i])
-        array, hints = render(label, image_rng, size)
+        if options.hard:
+            hints = dict(anatomy_hints)
+            array = _harden(anatomy, hints, scanner, image_rng)
+        else:
+            array, hints = render(label, image_rng, size)
         if fmt == "dicom":
             hints |= patient_hints | {
                 "instance_number": i + 1,
