@@ -6,8 +6,10 @@ what the model card recorded on the validation split or from the object's own he
 
 - ``out_of_distribution``: the energy of the temperature-scaled logits is above the card's
   threshold (:mod:`mmpipe.calibration`); an object whose images all are becomes ``unknown``;
-- ``header_disagrees``: a DICOM header rule (the labelling machinery, :mod:`mmpipe.labels`) names
-  another class than the prediction, e.g. Modality MR predicted as lung CT;
+- ``header_disagrees``: the DICOM header contradicts the prediction under the header rules of
+  labelling (:mod:`mmpipe.labels`): a rule names another class (Modality MR predicted as lung CT),
+  or the predicted class's rules admit no such modality (an ultrasound, Modality US, predicted as
+  any of the five);
 - ``low_confidence`` and ``members_disagree``: a top probability under ``low_confidence``, or
   images of one object (an archive, a series) predicted as different classes.
 
@@ -45,6 +47,20 @@ def header_rules(configured: Sequence[Mapping[str, str]], classes: Sequence[str]
     return parse_rules(raw, classes)
 
 
+def header_contradicts(
+    rules: Sequence[HeaderRule], predicted: str, modality: str | None, body_part: str | None
+) -> bool:
+    """Whether a header (Modality, BodyPartExamined) contradicts ``predicted`` under ``rules``."""
+    if not (modality or "").strip():
+        return False
+    matching = {r.label for r in rules if r.matches(modality, body_part, None)}
+    if matching:
+        return predicted not in matching
+    own = [r for r in rules if r.label == predicted]
+    value = modality.strip().upper()
+    return bool(own) and all(r.modality is not None and value not in r.modality for r in own)
+
+
 @dataclass
 class Assessment:
     """What scoring concludes about one object from its images."""
@@ -68,10 +84,11 @@ def assess(
     temperature: float,
     ood_threshold: float | None,
     low_confidence: float,
-    header_labels: Sequence[str] = (),
+    headers: Sequence[tuple[str | None, str | None]] = (),
+    rules: Sequence[HeaderRule] = (),
 ) -> Assessment:
-    """One object's verdict from its images' raw logits (N, C) and the classes their headers name
-    ("" where no header rule spoke)."""
+    """One object's verdict from its images' raw logits (N, C) and their DICOM headers
+    ((Modality, BodyPartExamined) per image; None where there is no header)."""
     probs = probabilities(logits, temperature)
     scores = energy(logits, temperature)
     ood = scores > ood_threshold if ood_threshold is not None else np.zeros(len(probs), bool)
@@ -84,7 +101,9 @@ def assess(
     found = {
         OUT_OF_DISTRIBUTION: bool(ood.any()),
         HEADER_DISAGREES: any(
-            h and h != classes[p] for h, p, k in zip(header_labels, predicted, keep, strict=False) if k
+            header_contradicts(rules, classes[p], *h)
+            for h, p, k in zip(headers, predicted, keep, strict=False)
+            if k
         ),
         MEMBERS_DISAGREE: bool((predicted[keep] != top).any()),
         LOW_CONFIDENCE: bool((probs[keep].max(1) < low_confidence).any()),

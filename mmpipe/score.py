@@ -41,7 +41,7 @@ from mmpipe.config import Settings
 from mmpipe.decoding import PROCESS_CHUNK, DecodeContext, Fetcher, Outcome
 from mmpipe.errors import MmpipeError, StoreError
 from mmpipe.imaging import Limits
-from mmpipe.labels import Label, Labeler
+from mmpipe.labels import HeaderRule, Label, Labeler
 from mmpipe.progress import progress
 from mmpipe.promote import champion
 from mmpipe.store import NotFound, ObjectInfo, Store
@@ -299,24 +299,25 @@ class Scorer:
     card: modelcard.ModelCard
     model_version: str
     autocast: torch.dtype | None
+    rules: tuple[HeaderRule, ...]  # of the header check (mmpipe.openset.header_rules)
 
     @classmethod
     def load(cls, settings: Settings, store: Store, model_version: str, card_uri: str) -> Scorer:
         torch.set_num_threads(torch_threads(settings))
         device = modelcard.resolve_device(settings.device)
         model, card = modelcard.load(store, card_uri, device)  # channels_last, eval
-        return cls(model, card, model_version, inference_dtype(card, device))
+        rules = openset.header_rules(settings.label_rules, card.classes)
+        return cls(model, card, model_version, inference_dtype(card, device), rules)
 
     def logits(self, pixels: np.ndarray) -> np.ndarray:
         return modelcard.logits(self.model, self.card, pixels, INFER_BATCH, self.autocast)
 
 
 def decode_context(settings: Settings, card: modelcard.ModelCard) -> DecodeContext:
-    """Ingest's decode context for scoring: the card's canonical size, header rules for the header
-    check (no label needed), and a salt of this process only: scoring keeps no pseudonym."""
-    rules = openset.header_rules(settings.label_rules, card.classes)
+    """Ingest's decode context for scoring: the card's canonical size, no label needed, and a salt of
+    this process only: scoring keeps no pseudonym."""
     return DecodeContext(
-        labeler=Labeler(card.classes, rules=rules, fallback=Label("", "none")),
+        labeler=Labeler(card.classes, fallback=Label("", "none")),
         salt=os.urandom(16),
         size=card.canonical_size,
         limits=Limits.from_settings(settings),
@@ -372,9 +373,9 @@ def verdict_of(outcome: Outcome, logits: np.ndarray, scorer: Scorer, low_confide
         reason = failures[0]["reason"] if failures else "no_image"
         return Verdict(outcome.obj, UNREADABLE, reason, failures=failures)
     card = scorer.card
-    headers = [row["label"] if row["label_source"] == "header_rule" else "" for row, _ in outcome.images]
+    headers = [(row["modality"], row["body_part"]) for row, _ in outcome.images]
     assessment = openset.assess(
-        logits, card.classes, card.temperature, card.ood_threshold, low_confidence, headers
+        logits, card.classes, card.temperature, card.ood_threshold, low_confidence, headers, scorer.rules
     )
     members = [row["member_path"] for row, _ in outcome.images]
     fate = UNKNOWN if assessment.unknown else TAGGED

@@ -7,6 +7,7 @@ import pytest
 
 from mmpipe import openset, tagging
 from mmpipe.calibration import calibrate, energy
+from mmpipe.labels import parse_rules
 
 OURS = {"mmpipe-modality": "lung_ct", "mmpipe-review": "yes", "mmpipe-review-reason": "low_confidence",
         "mmpipe-confidence": "0.512", "mmpipe-model": "m1", "mmpipe-images": "1"}  # fmt: skip
@@ -45,7 +46,8 @@ def test_confident_agreeing_images_need_no_review() -> None:
 
 def test_every_review_carries_its_reasons() -> None:
     mixed = logits_for([[9, 0, 0], [0, 9, 0], [1, 1, 0.9]])
-    a = openset.assess(mixed, CLASSES, 1.0, None, 0.6, header_labels=["", "c", ""])
+    rules = parse_rules([{"modality": "CT", "label": "c"}, {"modality": "MR", "label": "b"}], CLASSES)
+    a = openset.assess(mixed, CLASSES, 1.0, None, 0.6, [(None, None), ("CT", None), ("", "")], rules)
     assert a.review and a.reasons == ["header_disagrees", "members_disagree", "low_confidence"]
 
 
@@ -61,6 +63,22 @@ def test_energy_threshold_separates_the_open_set() -> None:
     assert a.unknown and a.modality is None and a.reasons == ["out_of_distribution"]
     part = openset.assess(np.vstack([val[:3], far[:1]]), CLASSES, cal.temperature, cal.ood_threshold, 0.6)
     assert not part.unknown and "out_of_distribution" in part.reasons
+
+
+@pytest.mark.parametrize(
+    ("predicted", "modality", "body_part", "contradicts"),
+    [
+        ("lung_ct", "MR", "HEAD", True),  # a rule names another class
+        ("lung_ct", "CT", "CHEST", False),
+        ("liver_ct", "CT", "CHEST", True),
+        ("liver_ct", "CT", "", False),  # CT without a body part: either CT class
+        ("chest_xray", "US", "ABDOMEN", True),  # no rule of the class admits ultrasound
+        ("brain_mri", None, None, False),  # no header: nothing to contradict
+    ],
+)
+def test_header_check_uses_the_labelling_rules(predicted, modality, body_part, contradicts) -> None:
+    rules = openset.header_rules([], ("brain_mri", "chest_xray", "retinal_oct", "lung_ct", "liver_ct"))
+    assert openset.header_contradicts(rules, predicted, modality, body_part) is contradicts
 
 
 def test_default_header_rules_cover_only_configured_classes() -> None:
