@@ -450,7 +450,7 @@ def build_parser() -> argparse.ArgumentParser:
     lineage.set_defaults(fn=cmd_dataset_lineage)
 
     bench = sub.add_parser("bench", help="benchmarks that print their figures (not timed tests)")
-    bench.add_argument("what", choices=("ingest",))
+    bench.add_argument("what", choices=("ingest", "score"))
     bench.add_argument("--objects", type=int, default=2000)
     bench.set_defaults(fn=cmd_bench)
 

@@ -283,18 +283,23 @@ def _die_with_parent(parent: int) -> None:
         os._exit(1)
 
 
-def _worker_start(store: Store, context: DecodeContext, parent: int) -> None:
-    """Set up one forked decode process, with nothing logged or warned.
-
-    ``store`` was built by the parent for its decode processes and never used there, so it holds no
-    connection to share: each process opens its own on first use (a client built once, not once per
-    process, saves ~0.2 s of CPU per process). The parent's logging handlers and locks are not the
-    child's to use; outcomes (reasons and details) carry everything the parent records.
-    """
-    global _worker
+def quiet_child(parent: int) -> None:
+    """Set up a forked helper process: it dies with ``parent`` and logs or warns nothing (the parent's
+    logging handlers and locks are not the child's to use; its answers carry what the parent records)."""
     _die_with_parent(parent)
     logging.disable(logging.CRITICAL)
     warnings.simplefilter("ignore")
+
+
+def _worker_start(store: Store, context: DecodeContext, parent: int) -> None:
+    """Set up one forked decode process (:func:`quiet_child`).
+
+    ``store`` was built by the parent for its decode processes and never used there, so it holds no
+    connection to share: each process opens its own on first use (a client built once, not once per
+    process, saves ~0.2 s of CPU per process).
+    """
+    global _worker
+    quiet_child(parent)
     _worker = (store, context)
 
 

@@ -23,10 +23,11 @@ image's probabilities, the reasons and the tags that did not fit.
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import os
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from itertools import islice
@@ -35,7 +36,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from mmpipe import modelcard, openset, tagging
+from mmpipe import decoding, modelcard, openset, tagging
 from mmpipe.catalog import Catalog
 from mmpipe.config import Settings
 from mmpipe.decoding import PROCESS_CHUNK, DecodeContext, Fetcher, Outcome
@@ -59,7 +60,8 @@ TAG_LIMIT, TAG_WRITE_FAILED, DELETED = "tag_limit", "tag_write_failed", "deleted
 #: Reduced precision is used only where the card records at least this agreement with float32.
 PRECISION_AGREEMENT_MIN = 0.995
 INFER_BATCH = 64  # images per forward pass
-WRITE_THREADS = 8  # tag and sidecar writes in flight (network-bound)
+WRITE_PROCESSES = 2  # processes writing sidecars and tags
+WRITE_THREADS = 4  # requests in flight per writer process (network-bound)
 FLUSH_OBJECTS = 200  # catalog rows written every this many objects
 #: An upload may appear in a listing with a LastModified this much older than the listing itself
 #: (S3 stamps the start of a large upload): the watermark stays this far behind the listing.
@@ -424,21 +426,21 @@ def sidecar(verdict: Verdict, card: modelcard.ModelCard, plan: tagging.TagPlan |
     }
 
 
-def write_object(
-    store: Store, scorer: Scorer, verdict: Verdict
-) -> tuple[Verdict, tagging.TagPlan | None, str | None]:
+Written = tuple[Verdict, tagging.TagPlan | None, str | None]
+
+
+def write_object(store: Store, card: modelcard.ModelCard, verdict: Verdict) -> Written:
     """Sidecar, then tags (so a tag never points at missing evidence). A store fault fails the object
     (taken again next run); an object with no room for even one tag fails with ``tag_limit``."""
-    ours = verdict.tags(scorer.model_version)
     if verdict.fate == FAILED:
         return verdict, None, None
+    ours = verdict.tags(card.model_version)
     try:
         plan = tagging.plan_tags(store.get_tags(verdict.obj.key), ours)
         if not plan.fits:
             verdict.fate, verdict.reason = FAILED, TAG_LIMIT
-        uri = store.put_json(
-            sidecar_key(scorer.model_version, verdict.obj.key), sidecar(verdict, scorer.card, plan)
-        )
+        doc = sidecar(verdict, card, plan)
+        uri = store.put_json(sidecar_key(card.model_version, verdict.obj.key), doc)
         if plan.fits:
             store.set_tags(verdict.obj.key, plan.tags)
     except NotFound:
@@ -449,6 +451,54 @@ def write_object(
         verdict.fate, verdict.reason, verdict.settled = FAILED, TAG_WRITE_FAILED, False
         return verdict, None, None
     return verdict, plan, uri
+
+
+#: A writer process's own store client (see :class:`Writer`).
+_writer_store: Store | None = None
+
+
+def _writer_start(store: Store, parent: int) -> None:
+    global _writer_store
+    decoding.quiet_child(parent)
+    _writer_store = store
+
+
+def _write_many(card: modelcard.ModelCard, verdicts: list[Verdict]) -> list[Written]:
+    if _writer_store is None:
+        raise RuntimeError("writer process used before _writer_start")
+    with ThreadPoolExecutor(WRITE_THREADS) as pool:
+        return list(pool.map(lambda v: write_object(_writer_store, card, v), verdicts))
+
+
+class Writer:
+    """Writes sidecars and tags behind inference: WRITE_PROCESSES forked processes (boto3 calls cost
+    client CPU that would otherwise hold the scoring process's GIL), each with WRITE_THREADS
+    threads; threads of this process where fork is unavailable. Started before any decode process
+    or inference thread exists, so nothing is held locked in them."""
+
+    def __init__(self, settings: Settings, store: Store, card: modelcard.ModelCard):
+        self.card, self.store = card, store
+        if decoding.decode_processes(settings) > 1:
+            self.pool: Any = ProcessPoolExecutor(
+                WRITE_PROCESSES,
+                mp_context=multiprocessing.get_context("fork"),
+                initializer=_writer_start,
+                initargs=(Store(settings), os.getpid()),
+            )
+            self.pool.submit(int).result()  # fork now, while this process is single-threaded
+        else:
+            self.pool = ThreadPoolExecutor(WRITE_THREADS)
+
+    def submit(self, verdicts: list[Verdict]) -> Future[list[Written]]:
+        if isinstance(self.pool, ThreadPoolExecutor):
+            return self.pool.submit(lambda: [write_object(self.store, self.card, v) for v in verdicts])
+        return self.pool.submit(_write_many, self.card, verdicts)
+
+    def __enter__(self) -> Writer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.pool.shutdown(cancel_futures=True)
 
 
 def catalog_rows(
@@ -502,7 +552,7 @@ class Results:
         self.counts: dict[str, int] = dict.fromkeys((TAGGED, UNREADABLE, UNKNOWN, FAILED), 0)
         self.images = self.review = 0
 
-    def add(self, written: tuple[Verdict, tagging.TagPlan | None, str | None]) -> None:
+    def add(self, written: Written) -> None:
         verdict, plan, uri = written
         scored, predictions, failures = catalog_rows(
             verdict, plan, uri, self.scorer.model_version, self.run_id, self.scorer.card.classes
@@ -570,33 +620,39 @@ def score_objects(
     if not objects:
         return results.summary(0)
     with (
+        Writer(settings, store, scorer.card) as writer,
         Fetcher(settings, store, decode_context(settings, scorer.card), len(objects)) as fetcher,
-        ThreadPoolExecutor(WRITE_THREADS) as writer,
     ):
         window = 2 * max(fetcher.processes, 1)
-        writes: deque[Future] = deque()
+        writes: deque[Future[list[Written]]] = deque()
         ready: list[Outcome] = []
+        images = 0
 
         def infer() -> None:
             pixels = [px for o in ready for _, px in o.images]
             logits = scorer.logits(np.stack(pixels)) if pixels else np.zeros((0, len(scorer.card.classes)))
-            start = 0
+            verdicts, start = [], 0
             for outcome in ready:
                 mine = logits[start : start + len(outcome.images)]
                 start += len(outcome.images)
-                verdict = verdict_of(outcome, mine, scorer, settings.low_confidence)
-                writes.append(writer.submit(write_object, store, scorer, verdict))
+                verdicts.append(verdict_of(outcome, mine, scorer, settings.low_confidence))
+            half = max(1, -(-len(verdicts) // WRITE_PROCESSES))  # one share per writer process
+            writes.extend(writer.submit(verdicts[i : i + half]) for i in range(0, len(verdicts), half))
             ready.clear()
-            while len(writes) > 4 * WRITE_THREADS:
-                results.add(writes.popleft().result())
+            while len(writes) > 2 * WRITE_PROCESSES:
+                for written in writes.popleft().result():
+                    results.add(written)
 
         for outcome in decoded(fetcher, objects, window):
             ready.append(outcome)
-            if sum(len(o.images) for o in ready) >= INFER_BATCH:
+            images += len(outcome.images)
+            if images >= INFER_BATCH:
                 infer()
+                images = 0
         infer()
         while writes:
-            results.add(writes.popleft().result())
+            for written in writes.popleft().result():
+                results.add(written)
     results.flush()
     summary = results.summary(len(objects))
     log.info(
