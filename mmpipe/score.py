@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from mmpipe import decoding, modelcard, openset, tagging
+from mmpipe import decoding, gradcam, modelcard, openset, tagging
 from mmpipe.catalog import Catalog
 from mmpipe.config import Settings
 from mmpipe.decoding import PROCESS_CHUNK, DecodeContext, Fetcher, Outcome
@@ -341,6 +341,7 @@ class Verdict:
     assessment: openset.Assessment | None = None
     members: list[str] = field(default_factory=list)  # member path of each image
     failures: list[dict[str, str]] = field(default_factory=list)  # members that could not be used
+    overlays: dict[int, bytes] = field(default_factory=dict)  # image index -> Grad-CAM overlay PNG
 
     def tags(self, model_version: str) -> dict[str, str]:
         """mmpipe's tags for this object, most essential first (see :mod:`mmpipe.tagging`)."""
@@ -392,8 +393,18 @@ def sidecar_key(model_version: str, source_key: str) -> str:
     return f"{RESULTS_PREFIX}{model_version}/{source_key}.json"
 
 
-def sidecar(verdict: Verdict, card: modelcard.ModelCard, plan: tagging.TagPlan | None) -> dict[str, Any]:
-    """The object's evidence for a reviewer: every image's probabilities, the reasons, all tags."""
+def overlay_key(model_version: str, source_key: str, image: int) -> str:
+    return f"{RESULTS_PREFIX}{model_version}/{source_key}.gradcam/{image:04d}.png"
+
+
+def sidecar(
+    verdict: Verdict,
+    card: modelcard.ModelCard,
+    plan: tagging.TagPlan | None,
+    overlays: dict[int, str] | None = None,
+) -> dict[str, Any]:
+    """The object's evidence for a reviewer: every image's probabilities, the reasons, all tags, and
+    the Grad-CAM overlay of each flagged image (``overlays``: image index -> URI)."""
     a = verdict.assessment
     images = []
     if a is not None:
@@ -406,6 +417,7 @@ def sidecar(verdict: Verdict, card: modelcard.ModelCard, plan: tagging.TagPlan |
                     },
                     "energy": round(float(a.energies[n]), 4),
                     "out_of_distribution": bool(a.ood[n]),
+                    "gradcam": (overlays or {}).get(n),
                 }
             )
     return {
@@ -440,7 +452,11 @@ def write_object(store: Store, card: modelcard.ModelCard, verdict: Verdict) -> W
         plan = tagging.plan_tags(store.get_tags(verdict.obj.key), ours)
         if not plan.fits:
             verdict.fate, verdict.reason = FAILED, TAG_LIMIT
-        doc = sidecar(verdict, card, plan)
+        overlays = {
+            n: store.put(overlay_key(card.model_version, verdict.obj.key, n), png, "image/png")
+            for n, png in verdict.overlays.items()
+        }
+        doc = sidecar(verdict, card, plan, overlays)
         uri = store.put_json(sidecar_key(card.model_version, verdict.obj.key), doc)
         if plan.fits:
             store.set_tags(verdict.obj.key, plan.tags)
@@ -627,6 +643,23 @@ class Results:
         return {"objects": objects, **self.counts, "images": self.images, "review": self.review}
 
 
+def explain(scorer: Scorer, verdicts: Sequence[Verdict], outcomes: Sequence[Outcome]) -> None:
+    """Grad-CAM overlays for the images of review-flagged objects (CNN champions only)."""
+    wanted = [
+        (v, n, px)
+        for v, o in zip(verdicts, outcomes, strict=True)
+        if v.assessment is not None and v.assessment.review
+        for n, (_, px) in enumerate(o.images)
+    ]
+    if not wanted or gradcam.last_conv(scorer.model) is None:
+        return
+    pixels = np.stack([px for _, _, px in wanted])
+    classes = np.array([v.assessment.probs[n].argmax() for v, n, _ in wanted])
+    maps = gradcam.heatmaps(scorer.model, scorer.card, pixels, classes)
+    for (verdict, n, px), heat in zip(wanted, maps, strict=True):
+        verdict.overlays[n] = gradcam.overlay_png(px, heat)
+
+
 def decoded(fetcher: Fetcher, objects: Sequence[ObjectInfo], window: int) -> Iterator[Outcome]:
     """Outcomes in order, with at most ``window`` chunks submitted ahead (bounded memory)."""
     pending, source = deque(), iter(objects)
@@ -681,6 +714,8 @@ def score_objects(
                 mine = logits[start : start + len(outcome.images)]
                 start += len(outcome.images)
                 verdicts.append(verdict_of(outcome, mine, scorer, settings.low_confidence))
+            if not writer.dry:
+                explain(scorer, verdicts, ready)
             half = max(1, -(-len(verdicts) // WRITE_PROCESSES))  # one share per writer process
             writes.extend(writer.submit(verdicts[i : i + half]) for i in range(0, len(verdicts), half))
             ready.clear()

@@ -79,6 +79,11 @@ def test_tag_budget_keeps_foreign_tags_and_writes_essentials_first(champion) -> 
         sidecar = store.get_json(score.sidecar_key("tiny-1", key))
         assert sidecar["modality"] in CLASSES  # the result is kept even where no tag fits
         assert mine(tags) == sidecar["tags_written"]
+        if sidecar["review_reasons"]:  # a flagged image of a CNN: its Grad-CAM overlay, linked
+            png = store.get(store.key_of(sidecar["images"][0]["gradcam"]))
+            assert png.startswith(b"\x89PNG\r\n\x1a\n")
+        else:
+            assert sidecar["images"][0]["gradcam"] is None
         ours = mine(tags)
         if n <= 5:  # room for 10 - n tags; the old champion's tag is replaced, not kept
             assert ours["mmpipe-modality"] in CLASSES and ours["mmpipe-model"] == "tiny-1"
