@@ -51,6 +51,13 @@ class Settings(BaseSettings):
     max_image_pixels: int = Field(8192 * 8192, description="Largest rows*columns of one frame.")
     max_frames: int = Field(2048, description="Most frames one multi-frame object may hold.")
     low_confidence: float = Field(0.6, ge=0, le=1, description="Scores below this are flagged for review.")
+    score_threads: int = Field(
+        0,
+        ge=0,
+        le=256,
+        description="torch threads of one scoring task: 0 = half the CPUs (the scoring DAG runs two "
+        "batches at once, and decode processes need the rest).",
+    )
     promotion_min_gain: float = Field(
         0.0, ge=0, description="Gain in the primary metric a challenger needs over the champion."
     )

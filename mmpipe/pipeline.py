@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 from mmpipe import dataset, evaluate, ingest, promote, score
@@ -175,25 +176,31 @@ def leaderboard(limit: int = 20) -> list[dict[str, Any]]:
     )
 
 
-# --- score ------------------------------------------------------------------------------------
+# --- score: see mmpipe.score ------------------------------------------------------------------
 
 
-def score_list(run_id: str, prefix: str = score.INCOMING_PREFIX, batch_size: int = 100) -> list[str]:
-    """Manifests of objects not yet scored by the current champion, one per mapped task."""
+def score_list(
+    run_id: str,
+    prefix: str = score.INCOMING_PREFIX,
+    batch_size: int = 100,
+    model_version: str = "",
+    modified_from: str = "",
+    modified_to: str = "",
+    force: bool = False,
+) -> list[str]:
+    """Record the run's listing and write one manifest per mapped task of objects to score."""
     _, store, catalog = connect()
-    version, card_uri = score.current_champion(catalog)
-    todo = score.list_unscored(store, catalog, prefix, version)
+    version, card_uri = score.resolve_model(catalog, model_version)
+    window = {"modified_from": modified_from, "modified_to": modified_to}
+    listing = score.list_unscored(store, catalog, prefix, version, force=force, **window)
+    score.open_run(catalog, run_id, version, prefix, listing, force=force, **window)
     slug = ingest.run_slug(run_id)
     return [
         store.put_json(
             f"results/score/{slug}/batches/{n:05d}.json",
-            {
-                "model_version": version,
-                "card_uri": card_uri,
-                "objects": [asdict(o) for o in batch],
-            },
+            {"model_version": version, "card_uri": card_uri, "objects": [asdict(o) for o in batch]},
         )
-        for n, batch in enumerate(ingest.batches(todo, batch_size))
+        for n, batch in enumerate(ingest.batches(listing.todo, batch_size))
     ]
 
 
@@ -204,3 +211,21 @@ def score_batch(run_id: str, batch_uri: str) -> dict[str, Any]:
     return score.score_objects(
         settings, store, catalog, objects, batch["model_version"], batch["card_uri"], run_id
     )
+
+
+def score_all(run_id: str, target: str, model_version: str = "", **options: Any) -> dict[str, Any]:
+    """A whole scoring run in this process (the CLI): ``target`` is a prefix or an s3:// URI."""
+    settings, store, catalog = connect()
+    store.check()
+    prefix = store.key_of(target) if target.startswith("s3://") else target
+    return score.run(settings, store, catalog, run_id, prefix, model_version=model_version, **options)
+
+
+def score_local(path: Path, out: Path, model_version: str = "") -> dict[str, Any]:
+    """Score local files into ``out``; nothing is written to the store or the catalog."""
+    return score.run_local(*connect(), path, out, model_version)
+
+
+def score_finish(run_id: str) -> dict[str, Any]:
+    """Reconcile the run: listed = tagged + unreadable + unknown + skipped + failed."""
+    return score.finish_run(connect()[2], run_id)
