@@ -189,11 +189,11 @@ def score_list(
     force: bool = False,
 ) -> list[str]:
     """Record the run's listing and write one manifest per mapped task of objects to score."""
-    _, store, catalog = connect()
+    settings, store, catalog = connect()
     version, card_uri = score.resolve_model(catalog, model_version)
     window = {"modified_from": modified_from, "modified_to": modified_to}
     listing = score.list_unscored(store, catalog, prefix, version, force=force, **window)
-    score.open_run(catalog, run_id, version, prefix, listing, force=force, **window)
+    listing = score.open_run(settings, catalog, run_id, version, prefix, listing, force=force, **window)
     slug = ingest.run_slug(run_id)
     return [
         store.put_json(

@@ -35,14 +35,17 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import sqlalchemy as sa
 import torch
+from sqlalchemy.engine import Connection
 
 from mmpipe import decoding, gradcam, modelcard, openset, tagging
-from mmpipe.catalog import Catalog
+from mmpipe.catalog import Catalog, select_in
 from mmpipe.config import Settings
 from mmpipe.decoding import PROCESS_CHUNK, DecodeContext, Fetcher, Outcome
 from mmpipe.errors import MmpipeError, StoreError
 from mmpipe.imaging import Limits
+from mmpipe.ingest import abandon_stale_runs, process_owner, serialised, utc_now
 from mmpipe.labels import HeaderRule, Label, Labeler
 from mmpipe.progress import progress
 from mmpipe.promote import champion
@@ -67,6 +70,15 @@ FLUSH_OBJECTS = 200  # catalog rows written every this many objects
 #: An upload may appear in a listing with a LastModified this much older than the listing itself
 #: (S3 stamps the start of a large upload): the watermark stays this far behind the listing.
 WATERMARK_MARGIN = timedelta(hours=1)
+HEARTBEAT = sa.text("UPDATE score_runs SET heartbeat_at = :now WHERE run_id = :r")
+CLAIMS = (
+    "SELECT c.model_version, c.source_key, c.run_id, r.status FROM score_claims c "
+    "LEFT JOIN score_runs r ON r.run_id = c.run_id WHERE c.source_key IN ({in})"
+)
+SCORED = (
+    "SELECT model_version, source_key, source_etag, source_modified, settled, run_id FROM scored_objects "
+    "WHERE source_key IN ({in})"
+)
 
 
 # --------------------------------------------------------------------------- which model
@@ -183,6 +195,7 @@ def list_unscored(
 
 
 def open_run(
+    settings: Settings,
     catalog: Catalog,
     run_id: str,
     model_version: str,
@@ -192,34 +205,68 @@ def open_run(
     modified_from: str = "",
     modified_to: str = "",
     force: bool = False,
-) -> None:
-    """Record the run's listing (idempotent: a retried listing task rewrites it)."""
-    catalog.upsert(
-        "score_runs",
-        [
-            {
-                "run_id": run_id,
-                "model_version": model_version,
-                "prefix": prefix,
-                "modified_from": modified_from,
-                "modified_to": modified_to,
-                "forced": force,
-                "status": "running",
-                "listed": listing.listed,
-                "skipped": listing.skipped,
-                "listed_at": listing.listed_at,
-            }
-        ],
-        ["run_id"],
-    )
+    owner: str | None = None,
+) -> Listing:
+    """Record the run's listing (by ``owner``, a process running it whole: see
+    :func:`mmpipe.ingest.process_owner`) and claim its objects, after marking killed runs abandoned.
+
+    Idempotent: a retried listing task rewrites both. Returns the listing without the objects a
+    concurrent run of this model has claimed, or scored since this one listed them: they count as
+    skipped (``claimed_elsewhere``), so two runs at once score and account each object once."""
+    abandon_stale_runs(settings, catalog, current=run_id, table="score_runs")
+    run = {
+        "run_id": run_id,
+        "model_version": model_version,
+        "prefix": prefix,
+        "modified_from": modified_from,
+        "modified_to": modified_to,
+        "forced": force,
+        "status": "running",
+        "listed": listing.listed,
+        "listed_at": listing.listed_at,
+        "heartbeat_at": utc_now(),
+        "owner": owner,
+    }
+
+    def work(conn: Connection) -> list[ObjectInfo]:
+        serialised(conn)
+        keys = [o.key for o in listing.todo]
+        claims = {
+            r["source_key"]: r
+            for r in select_in(conn, CLAIMS, keys)
+            if r["model_version"] == model_version and r["run_id"] != run_id and r["status"] == "running"
+        }
+        scored = {
+            (r["source_key"], r["source_etag"], r["source_modified"])
+            for r in select_in(conn, SCORED, keys)
+            if r["model_version"] == model_version and r["settled"] and r["run_id"] != run_id
+        }
+        mine = [
+            o
+            for o in listing.todo
+            if o.key not in claims and (force or (o.key, o.etag, o.modified) not in scored)
+        ]
+        elsewhere = len(listing.todo) - len(mine)
+        row = run | {"skipped": listing.skipped + elsewhere, "claimed_elsewhere": elsewhere}
+        catalog.upsert("score_runs", [row], ["run_id"], conn)
+        claimed = [{"model_version": model_version, "source_key": o.key, "run_id": run_id} for o in mine]
+        catalog.upsert("score_claims", claimed, ["model_version", "source_key"], conn)
+        return mine
+
+    mine = catalog.transaction(work)
+    if len(mine) < len(listing.todo):
+        log.info("scoring run %s: %d objects left to a concurrent run", run_id, len(listing.todo) - len(mine))
+    skipped = listing.skipped + len(listing.todo) - len(mine)
+    return Listing(listing.listed, mine, skipped, listing.listed_at, listing.watermark)
 
 
 def finish_run(catalog: Catalog, run_id: str) -> dict[str, Any]:
     """Reconcile the run from the catalog and record it: every listed object has exactly one fate.
 
     Objects to score that have no fate (a batch task that died) are ``not_reached``; the run is then
-    ``incomplete``. The model's watermark moves only after a complete run over an open range, to
-    before the oldest object it left unsettled.
+    ``incomplete``. The model's watermark moves only after a complete run over an open range that
+    left nothing to a concurrent run, to before the oldest object it left unsettled. The run's
+    claims are released.
     """
     run = catalog.query("SELECT * FROM score_runs WHERE run_id = :r", r=run_id)
     if not run:
@@ -233,7 +280,7 @@ def finish_run(catalog: Catalog, run_id: str) -> dict[str, Any]:
     not_reached = run["listed"] - run["skipped"] - sum(counts.values())
     complete = not_reached == 0
     mark = None
-    if complete and not (run["modified_from"] or run["modified_to"]):
+    if complete and not (run["modified_from"] or run["modified_to"] or run["claimed_elsewhere"]):
         oldest_open = catalog.scalar(
             "SELECT min(source_modified) FROM scored_objects WHERE run_id = :r AND settled = FALSE", r=run_id
         )
@@ -247,6 +294,7 @@ def finish_run(catalog: Catalog, run_id: str) -> dict[str, Any]:
         "status": "finished" if complete else "incomplete",
         "watermark": mark.isoformat() if mark else None,
     }
+    catalog.execute("DELETE FROM score_claims WHERE run_id = :r", {"r": run_id})
     catalog.execute(
         "UPDATE score_runs SET tagged = :tagged, unreadable = :unreadable, unknown = :unknown, "
         "failed = :failed, not_reached = :not_reached, status = :status, watermark = :watermark, "
@@ -635,6 +683,7 @@ class Results:
             self.catalog.upsert("scored_objects", rows[0], OBJECT_KEY, conn)
             self.catalog.upsert("predictions", rows[1], MEMBER_KEY, conn)
             self.catalog.upsert("score_failures", rows[2], MEMBER_KEY, conn)
+            conn.execute(HEARTBEAT, {"r": self.run_id, "now": utc_now()})  # alive (see open_run)
 
         self.catalog.transaction(write)
         self.scored, self.predictions, self.failures = [], [], []
@@ -759,11 +808,20 @@ def run(
     version, card_uri = resolve_model(catalog, model_version)
     window = {"modified_from": modified_from, "modified_to": modified_to}
     listing = list_unscored(store, catalog, prefix, version, force=force, **window)
-    open_run(catalog, run_id, version, prefix, listing, force=force, **window)
-    with progress(desc="score", total=len(listing.todo), unit="obj") as bar:
-        score_objects(
-            settings, store, catalog, listing.todo, version, card_uri, run_id, lambda _: bar.update(1)
-        )
+    listing = open_run(
+        settings, catalog, run_id, version, prefix, listing, force=force, owner=process_owner(), **window
+    )
+    try:
+        with progress(desc="score", total=len(listing.todo), unit="obj") as bar:
+            score_objects(
+                settings, store, catalog, listing.todo, version, card_uri, run_id, lambda _: bar.update(1)
+            )
+    except Exception:  # the run ends incomplete, its claims released: the next run takes the rest
+        try:
+            finish_run(catalog, run_id)
+        except MmpipeError as exc:  # the catalog is down too: the next run marks this one abandoned
+            log.warning("scoring run %s not reconciled: %s", run_id, exc)
+        raise
     return finish_run(catalog, run_id)
 
 
