@@ -21,7 +21,8 @@ from tests.conftest import export_env
 
 pytestmark = pytest.mark.integration
 
-TINY = {"backbone": "tinycnn", "image_size": 32, "epochs": 2, "batch_size": 32, "freeze_ratio": 0.0}
+TINY = {"backbone": "tinycnn", "init": "random", "image_size": 32, "epochs": 2, "batch_size": 32}
+TINY |= {"freeze_ratio": 0.0}
 RUN = "retrain__gate"
 
 
@@ -53,11 +54,16 @@ def test_evaluation_records_baselines_calibration_latency_plots_and_the_card(tra
     settings, store, catalog, prepared, good = trained
     snapshot, version = prepared["test_snapshot"], good["model_version"]
     weights = store.get(checkpoint_key(store, good["card_uri"]))
+    # A deliberately flat temperature in the card: evaluation must score with it (ECE after) and report
+    # the raw logits' calibration beside it (ECE before); the predictions, hence accuracy, do not move.
+    card_key = store.key_of(good["card_uri"])
+    untouched = evaluate.evaluate_model(settings, store, catalog, version, snapshot)
+    store.put_json(card_key, store.get_json(card_key) | {"temperature": 4.0})
     row = evaluate.evaluate_model(settings, store, catalog, version, snapshot)
     assert row["latency_ms"] > 0 and row["device"] == "cpu" and row["init"] == "random"
-    assert row["temperature"] == 1.0 and row["ece_before"] == pytest.approx(
-        row["ece"]
-    )  # T = 1 changes nothing
+    assert row["temperature"] == 4.0 and row["accuracy"] == untouched["accuracy"]
+    assert row["ece_before"] == pytest.approx(untouched["ece_before"])
+    assert abs(row["ece"] - row["ece_before"]) > 1e-3
 
     baselines = {
         b["baseline"]: b
