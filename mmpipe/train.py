@@ -270,7 +270,8 @@ class Progress:
     best_loss: float = math.inf
     best_epoch: int = -1
     best_state: dict[str, torch.Tensor] | None = None
-    stale: int = 0  # epochs since the validation loss last improved
+    best_counted: float = math.inf  # the loss that the last counted improvement (by min_delta) reached
+    stale: int = 0  # epochs since the validation loss last improved by more than min_delta
     finished: bool = False
     seconds: float = 0.0
     resumed: int = 0
@@ -434,9 +435,11 @@ def train_candidate(
                     "(try a lower lr)"
                 )
             progress.epoch = epoch
-            if val["loss"] < progress.best_loss:
-                progress.best_loss, progress.best_epoch, progress.stale = val["loss"], epoch, 0
+            if val["loss"] < progress.best_loss:  # the best state is the lowest loss, however little lower
+                progress.best_loss, progress.best_epoch = val["loss"], epoch
                 progress.best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+            if val["loss"] < progress.best_counted - recipe.min_delta:
+                progress.best_counted, progress.stale = val["loss"], 0
             else:
                 progress.stale += 1
             if (
