@@ -299,7 +299,7 @@ def format_leaderboard(rows: Sequence[dict[str, Any]]) -> str:
 def cmd_bench(args: argparse.Namespace) -> None:
     from mmpipe import bench
 
-    bench.run(args.what, objects=args.objects)
+    bench.run(args.what, objects=args.objects, images=args.images, epochs=args.epochs, amp=args.amp)
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
@@ -450,8 +450,11 @@ def build_parser() -> argparse.ArgumentParser:
     lineage.set_defaults(fn=cmd_dataset_lineage)
 
     bench = sub.add_parser("bench", help="benchmarks that print their figures (not timed tests)")
-    bench.add_argument("what", choices=("ingest",))
-    bench.add_argument("--objects", type=int, default=2000)
+    bench.add_argument("what", choices=("ingest", "train"))
+    bench.add_argument("--objects", type=int, default=2000, help="ingest: synthetic DICOM objects")
+    bench.add_argument("--images", type=int, default=300, help="train: synthetic images planned")
+    bench.add_argument("--epochs", type=int, default=2, help="train: epochs timed per side")
+    bench.add_argument("--amp", action="store_true", help="train: also measure under bf16 autocast")
     bench.set_defaults(fn=cmd_bench)
 
     rep = sub.add_parser("report", help="one readable HTML page for a DAG run (ingest, retrain, score)")
