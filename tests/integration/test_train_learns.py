@@ -36,7 +36,7 @@ def test_a_small_cnn_reaches_a_macro_f1_of_0_9_on_validation_and_on_the_frozen_t
             "backbone": "tinycnn",
             "init": "random",
             "image_size": 48,
-            "epochs": 15,
+            "epochs": 12,
             "lr": 3e-3,
             "lr_finetune": 1e-3,
         }
