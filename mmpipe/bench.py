@@ -194,7 +194,7 @@ def bench_candidate(
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-        float(loss)  # wait for the device
+        float(loss.detach())  # wait for the device
 
     def pipeline_epoch(epoch: int) -> None:
         order = train.epoch_order(recipe.seed, epoch, n)
