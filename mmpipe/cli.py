@@ -452,8 +452,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="benchmarks that print their figures (not timed tests)")
     bench.add_argument("what", choices=("ingest", "train"))
     bench.add_argument("--objects", type=int, default=2000, help="ingest: synthetic DICOM objects")
-    bench.add_argument("--images", type=int, default=300, help="train: synthetic images planned")
-    bench.add_argument("--epochs", type=int, default=2, help="train: epochs timed per side")
+    bench.add_argument("--images", type=int, default=200, help="train: synthetic images planned")
+    bench.add_argument("--epochs", type=int, default=4, help="train: epochs timed per side")
     bench.add_argument("--amp", action="store_true", help="train: also measure under bf16 autocast")
     bench.set_defaults(fn=cmd_bench)
 
