@@ -41,6 +41,7 @@ class Candidate:
     batch_size: int = 16
     patience: int = 3  # stage 2: epochs without a lower validation loss before stopping
     plateau_patience: int = 1  # stage 1: epochs without a lower validation loss before stage 2
+    min_delta: float = 0.0  # smallest decrease of the validation loss that counts as lower
     image_size: int | None = None  # model input side; None: the backbone's native size
     amp: str = "none"  # none | bf16 (autocast on CPU and CUDA)
     channel_mode: str | None = None  # replicate | viridis | inferno; None: the plan's
@@ -96,6 +97,8 @@ class Candidate:
         for option in positive:
             if getattr(self, option) <= 0:
                 raise ConfigError(f"{option} must be positive, got {getattr(self, option)}")
+        if self.min_delta < 0:
+            raise ConfigError(f"min_delta must be >= 0, got {self.min_delta}")
         if self.weight_decay is not None and self.weight_decay < 0:
             raise ConfigError(f"weight_decay must be >= 0, got {self.weight_decay}")
         if not 0 <= self.focal_gamma <= 10:
@@ -133,6 +136,7 @@ OPTION_HELP = {
     "batch_size": "Training batch size",
     "patience": "Stage 2: epochs without a lower validation loss before stopping",
     "plateau_patience": "Stage 1: epochs without a lower validation loss before stage 2",
+    "min_delta": "Smallest decrease of the validation loss that counts as an improvement",
     "image_size": "Model input side; null = the backbone's native size (InceptionV3 299, most 224)",
     "amp": "none or bf16 autocast (CPU and CUDA)",
     "channel_mode": "Grayscale to 3 channels; null = the plan's (MMPIPE_CHANNEL_MODE)",
@@ -159,6 +163,7 @@ _BOUNDS = {
     "plateau_patience": {"minimum": 1},
     "image_size": {"minimum": 16, "maximum": 1024},
     "focal_gamma": {"minimum": 0, "maximum": 10},
+    "min_delta": {"minimum": 0},
     "seed": {"minimum": 0},
 }
 

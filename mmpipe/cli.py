@@ -340,7 +340,8 @@ def format_leaderboard(rows: Sequence[dict[str, Any]]) -> str:
 def cmd_bench(args: argparse.Namespace) -> None:
     from mmpipe import bench
 
-    bench.run(args.what, objects=args.objects)
+    options = {k: v for k, v in vars(args).items() if k in ("objects", "images", "epochs", "amp")}
+    bench.run(args.what, **options)
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
@@ -509,8 +510,18 @@ def build_parser() -> argparse.ArgumentParser:
     lineage.set_defaults(fn=cmd_dataset_lineage)
 
     bench = sub.add_parser("bench", help="benchmarks that print their figures (not timed tests)")
-    bench.add_argument("what", choices=("ingest", "score"))
-    bench.add_argument("--objects", type=int, default=2000)
+    kinds = bench.add_subparsers(dest="what", required=True)
+    kinds.add_parser("ingest", help="ingest vs a naive loop").add_argument("--objects", type=int, default=2000)
+    kinds.add_parser("score", help="scoring vs the bare forward pass and a naive loop").add_argument(
+        "--objects", type=int, default=600
+    )
+    bench_train = kinds.add_parser("train", help="mmpipe train's data path vs a bare loop, per demo candidate")
+    bench_train.add_argument("--images", type=int, default=200, help="synthetic images planned")
+    bench_train.add_argument("--epochs", type=int, default=4, help="epochs timed per side")
+    bench_train.add_argument("--amp", action="store_true", help="also measure under bf16 autocast")
+    kinds.add_parser("synth", help="thumbnail baselines per synthetic difficulty").add_argument(
+        "--images", type=int, default=600, help="images per difficulty"
+    )
     bench.set_defaults(fn=cmd_bench)
 
     rep = sub.add_parser("report", help="one readable HTML page for a DAG run (ingest, retrain, score)")

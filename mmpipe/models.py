@@ -58,13 +58,13 @@ class BackboneSpec:
 
 
 class TinyCNN(nn.Module):
-    """Three strided conv blocks and a linear head: small enough for unit tests and smoke runs."""
+    """Four strided conv blocks and a linear head: small enough for unit tests and smoke runs."""
 
     def __init__(self, num_classes: int, width: int = 16) -> None:
         super().__init__()
         layers: list[nn.Module] = []
         channels = 3
-        for out in (width, 2 * width, 4 * width):
+        for out in (width, 2 * width, 4 * width, 8 * width):
             layers += [
                 nn.Conv2d(channels, out, 3, stride=2, padding=1, bias=False),
                 nn.BatchNorm2d(out),

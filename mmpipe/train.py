@@ -176,6 +176,19 @@ def train_step(
     return loss.detach()
 
 
+def run_epoch(
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer, loss_fn: Callable, batches: Any,
+    device: torch.device, amp: torch.dtype | None,
+) -> float:  # fmt: skip
+    """One pass over ``batches`` of (inputs, target); the mean training loss."""
+    total, steps = torch.zeros((), device=device), 0
+    for inputs, target in batches:
+        inputs, target = inputs.to(device, non_blocking=True), target.to(device, non_blocking=True)
+        total += train_step(model, optimizer, loss_fn, inputs, target, amp)
+        steps += 1
+    return float(total) / max(steps, 1)
+
+
 def evaluate_split(
     model: torch.nn.Module, card: modelcard.ModelCard, images: np.ndarray, labels: np.ndarray
 ) -> tuple[dict, np.ndarray]:
@@ -270,7 +283,8 @@ class Progress:
     best_loss: float = math.inf
     best_epoch: int = -1
     best_state: dict[str, torch.Tensor] | None = None
-    stale: int = 0  # epochs since the validation loss last improved
+    best_counted: float = math.inf  # the loss that the last counted improvement (by min_delta) reached
+    stale: int = 0  # epochs since the validation loss last improved by more than min_delta
     finished: bool = False
     seconds: float = 0.0
     resumed: int = 0
@@ -286,6 +300,39 @@ def _stage_setup(
     freeze(model, candidate.freeze_ratio if stage == 1 else candidate.finetune_freeze_ratio)
     optimizer = make_optimizer(candidate, model, candidate.lr if stage == 1 else candidate.lr_finetune)
     return optimizer, make_scheduler(candidate, optimizer, epochs_left)
+
+
+def training_card(
+    plan: dict, plan_uri: str, candidate: Candidate, model_version: str, training_run_id: str,
+    fingerprint: str | None, warnings: list[str], canonical_size: int,
+) -> modelcard.ModelCard:  # fmt: skip
+    """The model card as training starts: the transform the plan and candidate define (what training
+    feeds the model and scoring replays) and the whole recipe; metrics and calibration come at the end."""
+    preprocessing = plan.get("preprocessing") or {}
+    clahe = preprocessing.get("clahe") or {}
+    spec = get_spec(candidate.backbone)
+    recipe, _ = effective_recipe(candidate)
+    return modelcard.ModelCard(
+        model_version=model_version,
+        backbone=candidate.backbone,
+        classes=tuple(plan["classes"]),
+        canonical_size=canonical_size,
+        image_size=candidate.input_size,
+        channel_mode=candidate.channel_mode or preprocessing.get("channel_mode", "replicate"),
+        mean=spec.mean,
+        std=spec.std,
+        init=candidate.init,
+        weights_fingerprint=fingerprint,
+        freeze_ratio=recipe.freeze_ratio,
+        dataset_version=plan["dataset_version"],
+        plan_uri=plan_uri,
+        training_run_id=training_run_id,
+        best_val_macro_f1=0.0,
+        clahe_clip_limit=clahe.get("clip_limit"),
+        clahe_tiles=int(clahe.get("tiles", 8)),
+        recipe=candidate.to_dict(),
+        warnings=tuple(warnings),
+    )
 
 
 def resume_key(candidate: Candidate, plan: dict) -> str:
@@ -357,30 +404,10 @@ def train_candidate(
         model, fingerprint = build_model(store, catalog, recipe, classes)
         model.to(device, memory_format=torch.channels_last)
         data = load_data(store, plan)
-        preprocessing = plan.get("preprocessing") or {}
-        clahe = preprocessing.get("clahe") or {}
-        spec = get_spec(candidate.backbone)
-        card = modelcard.ModelCard(
-            model_version=model_version,
-            backbone=candidate.backbone,
-            classes=classes,
+        card = training_card(
+            plan, plan_uri, candidate, model_version, training_run_id, fingerprint, warnings,
             canonical_size=int(data.val_images.shape[-1]),
-            image_size=candidate.input_size,
-            channel_mode=candidate.channel_mode or preprocessing.get("channel_mode", "replicate"),
-            mean=spec.mean,
-            std=spec.std,
-            init=candidate.init,
-            weights_fingerprint=fingerprint,
-            freeze_ratio=recipe.freeze_ratio,
-            dataset_version=plan["dataset_version"],
-            plan_uri=plan_uri,
-            training_run_id=training_run_id,
-            best_val_macro_f1=0.0,
-            clahe_clip_limit=clahe.get("clip_limit"),
-            clahe_tiles=int(clahe.get("tiles", 8)),
-            recipe=candidate.to_dict(),
-            warnings=tuple(warnings),
-        )
+        )  # fmt: skip
         optimizer, scheduler = _stage_setup(recipe, model, progress.stage, recipe.epochs)
         if saved:
             model.load_state_dict(saved["model"])
@@ -398,11 +425,8 @@ def train_candidate(
             set_train_mode(model)
             order = epoch_order(candidate.seed, epoch, len(data.entries))
             batches = EpochBatches(data, card, transforms, plan["seed"], epoch, order, recipe.batch_size)
-            total, steps = torch.zeros((), device=device), 0
-            for inputs, target in epoch_loader(batches, settings.train_loader_workers, device):
-                inputs, target = inputs.to(device, non_blocking=True), target.to(device, non_blocking=True)
-                total += train_step(model, optimizer, loss_fn, inputs, target, amp_dtype(recipe))
-                steps += 1
+            loader = epoch_loader(batches, settings.train_loader_workers, device)
+            train_loss = run_epoch(model, optimizer, loss_fn, loader, device, amp_dtype(recipe))
             if scheduler is not None:
                 scheduler.step()
             val, _ = evaluate_split(model, card, data.val_images, data.val_labels)
@@ -414,7 +438,7 @@ def train_candidate(
                         "epoch": epoch,
                         "stage": progress.stage,
                         "lr": lr,
-                        "train_loss": float(total) / max(steps, 1),
+                        "train_loss": train_loss,
                         "val_loss": val["loss"],
                         "val_accuracy": val["accuracy"],
                         "val_macro_f1": val["macro_f1"],
@@ -425,7 +449,7 @@ def train_candidate(
             )
             log.info(
                 "%s epoch %d (stage %d, lr %g): train loss %.4f, val loss %.4f, val macro-F1 %.3f",
-                candidate.name, epoch, progress.stage, lr, float(total) / max(steps, 1), val["loss"],
+                candidate.name, epoch, progress.stage, lr, train_loss, val["loss"],
                 val["macro_f1"],
             )  # fmt: skip
             if not math.isfinite(val["loss"]):
@@ -434,9 +458,11 @@ def train_candidate(
                     "(try a lower lr)"
                 )
             progress.epoch = epoch
-            if val["loss"] < progress.best_loss:
-                progress.best_loss, progress.best_epoch, progress.stale = val["loss"], epoch, 0
+            if val["loss"] < progress.best_loss:  # the best state is the lowest loss, however little lower
+                progress.best_loss, progress.best_epoch = val["loss"], epoch
                 progress.best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+            if val["loss"] < progress.best_counted - recipe.min_delta:
+                progress.best_counted, progress.stale = val["loss"], 0
             else:
                 progress.stale += 1
             if (

@@ -58,3 +58,26 @@ def test_retrain_params_are_typed_for_the_ui(dagbag: DagBag) -> None:
     )
     schema = params.get_param("init").schema
     assert schema.get("enum") == ["pretrained", "random", "champion"]
+
+
+def test_retrain_sets_every_training_option_per_candidate(dagbag: DagBag) -> None:
+    from mmpipe.candidate import defaults
+
+    dag = dagbag.dags["mmpipe_retrain"]
+    assert set(defaults()) <= set(dag.params.keys())  # each option shared, with the recipe's default
+    assert dag.params["init"] == "pretrained" and dag.params["freeze_ratio"] == 0.6
+    item = dag.params.get_param("candidates").schema["items"]
+    assert item["required"] == ["backbone"] and set(defaults()) <= set(item["properties"])
+    params = {name: dag.params[name] for name in dag.params} | {
+        "epochs": 3,
+        "candidates": [
+            {"backbone": "efficientnet_lite0"},
+            {"backbone": "efficientnet_lite0", "init": "random"},
+        ],
+    }
+    mapped = dag.get_task("candidates").python_callable({"plan_uri": "s3://b/plans/p.json"}, params=params)
+    assert [(m["candidate"]["name"], m["candidate"]["init"], m["candidate"]["epochs"]) for m in mapped] == [
+        ("efficientnet-lite0", "pretrained", 3),
+        ("efficientnet-lite0-random", "random", 3),
+    ]
+    assert {m["plan_uri"] for m in mapped} == {"s3://b/plans/p.json"}

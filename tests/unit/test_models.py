@@ -216,7 +216,7 @@ def test_progressive_unfreezing_and_frozen_batchnorm_statistics() -> None:
     set_train_mode(model)
     assert not model.bn1.training and not model.layer1[0].bn1.training  # frozen: running stats kept
     assert model.layer2[0].bn1.training and model.training
-    assert len(backbone_blocks(create_model("tinycnn", NUM_CLASSES))) == 3  # conv-BN-ReLU blocks
+    assert len(backbone_blocks(create_model("tinycnn", NUM_CLASSES))) == 4  # conv-BN-ReLU blocks
 
 
 # Blocks per backbone: the stem, then whole stages; a final norm or head conv joins the last stage.
@@ -230,7 +230,7 @@ EXPECTED_BLOCKS = {
     "efficientnet_lite0": 8,
     "densenet121": 5,  # stem, dense blocks with their transitions, norm5 with the last
     "vit_tiny": 13,  # patch embedding with cls token and position embedding, twelve transformer blocks
-    "tinycnn": 3,
+    "tinycnn": 4,
 }
 
 
@@ -346,6 +346,6 @@ def test_reference_weights_are_seeded_and_marked(tmp_path) -> None:
         export_reference_weights("tinycnn", path, seed=seed)
     first, again, other = (weights_fingerprint(load_weights_file(p)) for p in paths)
     assert first == again != other
-    assert load_weights_file(paths[0])["fc.weight"].shape == (1000, 64)
+    assert load_weights_file(paths[0])["fc.weight"].shape == (1000, 128)
     with safe_open(paths[0], "pt") as handle:
         assert handle.metadata() == {"backbone": "tinycnn", "origin": "mmpipe-reference-random-init"}
