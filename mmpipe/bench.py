@@ -443,7 +443,6 @@ def bench_train(images: int, epochs: int, workdir: Path, amp: bool) -> dict[str,
     return {"bench": "train", "results": results, "min_ratio": min(r["ratio"] for r in results)}
 
 
-
 def run(what: str, **options: Any) -> dict[str, Any]:
     """Run benchmark ``what`` with its options (see the CLI), print its figures and a final JSON line."""
     benches: dict[str, Callable[..., dict[str, Any]]] = {
@@ -511,8 +510,8 @@ def split_inflation(
     for seed in range(repeats):
         by_image = ShuffleSplit(1, test_size=0.3, random_state=seed).split(images)
         by_patient = GroupShuffleSplit(1, test_size=0.3, random_state=seed).split(images, groups=patients)
-        for name, (train, test) in (("image_split", next(by_image)), ("patient_split", next(by_patient))):
-            probs = baselines.thumbnail_linear(images[train], labels[train], images[test], len(CLASSES))
+        for name, (fit, test) in (("image_split", next(by_image)), ("patient_split", next(by_patient))):
+            probs = baselines.thumbnail_linear(images[fit], labels[fit], images[test], len(CLASSES))
             scores[name].append(f1_score(labels[test], probs.argmax(1), average="macro"))
     means = {name: round(float(np.mean(v)), 4) for name, v in scores.items()}
     return means | {"inflation": round(means["image_split"] - means["patient_split"], 4)}

@@ -511,11 +511,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", help="benchmarks that print their figures (not timed tests)")
     kinds = bench.add_subparsers(dest="what", required=True)
-    kinds.add_parser("ingest", help="ingest vs a naive loop").add_argument("--objects", type=int, default=2000)
+    kinds.add_parser("ingest", help="ingest vs a naive loop").add_argument(
+        "--objects", type=int, default=2000
+    )
     kinds.add_parser("score", help="scoring vs the bare forward pass and a naive loop").add_argument(
         "--objects", type=int, default=600
     )
-    bench_train = kinds.add_parser("train", help="mmpipe train's data path vs a bare loop, per demo candidate")
+    bench_train = kinds.add_parser(
+        "train", help="mmpipe train's data path vs a bare loop, per demo candidate"
+    )
     bench_train.add_argument("--images", type=int, default=200, help="synthetic images planned")
     bench_train.add_argument("--epochs", type=int, default=4, help="epochs timed per side")
     bench_train.add_argument("--amp", action="store_true", help="also measure under bf16 autocast")
