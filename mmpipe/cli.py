@@ -137,7 +137,14 @@ def cmd_synth(args: argparse.Namespace) -> None:
     store.check()
     prefix = args.prefix.rstrip("/") + "/"
     labelled = prefix.startswith("training/")
-    objects = generate(args.images, size=args.size, seed=args.seed, archive_fraction=args.archive_fraction)
+    objects = generate(
+        args.images,
+        size=args.size,
+        seed=args.seed,
+        archive_fraction=args.archive_fraction,
+        difficulty=args.difficulty,
+        header_faults=args.header_faults,
+    )
 
     def put(obj: Any) -> str:
         # incoming/ mimics a hospital drop: no class folder, the label is what scoring must find.
@@ -299,7 +306,7 @@ def format_leaderboard(rows: Sequence[dict[str, Any]]) -> str:
 def cmd_bench(args: argparse.Namespace) -> None:
     from mmpipe import bench
 
-    bench.run(args.what, objects=args.objects)
+    bench.run(args.what, objects=args.objects, images=args.images)
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
@@ -366,6 +373,15 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--seed", type=int, default=0)
     synth.add_argument("--prefix", default="training/")
     synth.add_argument("--archive-fraction", type=float, default=0.1)
+    synth.add_argument(
+        "--difficulty", choices=("realistic", "hard"), default="realistic", help="see mmpipe.synth.generate"
+    )
+    synth.add_argument(
+        "--header-faults",
+        type=float,
+        default=0.0,
+        help="share of DICOM patients whose Modality/BodyPartExamined are missing or wrong",
+    )
     synth.set_defaults(fn=cmd_synth)
 
     ing = sub.add_parser("ingest", help="ingest new objects under a prefix")
@@ -450,8 +466,9 @@ def build_parser() -> argparse.ArgumentParser:
     lineage.set_defaults(fn=cmd_dataset_lineage)
 
     bench = sub.add_parser("bench", help="benchmarks that print their figures (not timed tests)")
-    bench.add_argument("what", choices=("ingest",))
+    bench.add_argument("what", choices=("ingest", "synth"))
     bench.add_argument("--objects", type=int, default=2000)
+    bench.add_argument("--images", type=int, default=600, help="synth: images per difficulty")
     bench.set_defaults(fn=cmd_bench)
 
     rep = sub.add_parser("report", help="one readable HTML page for a DAG run (ingest, retrain, score)")
