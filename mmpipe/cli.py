@@ -312,7 +312,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
 def cmd_demo(args: argparse.Namespace) -> None:
     from mmpipe.demo import run_demo
 
-    run_demo(profile=args.profile)
+    run_demo(profile=args.profile, difficulty=args.difficulty)
 
 
 def cmd_dataset_lineage(args: argparse.Namespace) -> None:
@@ -483,6 +483,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="the whole nightly loop on synthetic studies")
     demo.add_argument("--profile", choices=("demo", "full"), default="demo")
+    demo.add_argument(
+        "--difficulty", choices=("realistic", "hard"), default=None, help="synthetic studies (default: hard)"
+    )
     demo.set_defaults(fn=cmd_demo)
     return parser
 
