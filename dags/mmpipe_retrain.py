@@ -7,14 +7,24 @@
    targets, CLAHE and the default channel mode come from `MMPIPE_*` settings).
 2. `evaluate_champion`: when the champion has not been measured on the snapshot yet (a new one was
    just frozen), evaluate it there and record why; skipped otherwise.
-3. `train`: one mapped task per backbone, each running `mmpipe train` — a local process, or a GPU
+3. `train`: one mapped task per candidate, each running `mmpipe train` (resumable: a retried task
+   carries on from its last epoch's checkpoint) — a local process, or a GPU
    pod via KubernetesPodOperator when `MMPIPE_TRAINING_BACKEND=kubernetes`.
-4. `evaluate`: every candidate on the frozen test snapshot; metrics and plots to the catalog/store.
-5. `promote`: the best candidate becomes champion only if it beats the current one on the same
-   snapshot; a promotion emits the `mmpipe_champion` asset event (which triggers scoring).
+4. `evaluate`: every candidate whose training succeeded, on the frozen test snapshot (metrics, ECE
+   before/after temperature, latency, baselines, PNGs, the model card); a failed candidate is
+   skipped here and the others still compete.
+5. `promote`: the challenger is the succeeded candidate with the best *validation* metric; it becomes
+   champion only if it passes the gate on the test snapshot (primary metric vs the champion, margin
+   over the thumbnail baseline, per-class recall floors, smoke check through the scoring path); a
+   promotion emits the `mmpipe_champion` asset event (which triggers scoring). Rollback and forced
+   promotion: the `mmpipe_champion` DAG.
 
-Trigger with Params for backfills and experiments (backbones, epochs, freeze ratio, init, channel
-mode, balance target, weighted/focal loss, a new test snapshot).
+Trigger with Params for backfills and experiments: `candidates` sets every option per candidate
+(e.g. EfficientNet-Lite0 pretrained and random side by side); the shared options below it
+(init, freeze shares, learning rates, optimizer, scheduler, epochs, input size, bf16, loss, ...)
+apply to every candidate that does not set its own. Defaults are the papers' recipe: pretrained,
+60% of the blocks frozen at 1e-3, then unfrozen to 30% at 1e-4, Adam, batch 16, 10 epochs, early
+stopping on the validation loss. Also: balance target, a new test snapshot.
 """
 
 from __future__ import annotations
@@ -25,6 +35,8 @@ from mmpipe_airflow.dag_defaults import CHAMPION, dag_defaults, retrain_schedule
 from mmpipe_airflow.reports import report_task
 from mmpipe_airflow.training import training_operator
 
+from mmpipe.candidate import OPTION_HELP, candidate_schema, option_schema
+from mmpipe.candidate import defaults as candidate_defaults
 from mmpipe.config import get_settings
 
 BACKBONES = [
@@ -34,10 +46,17 @@ BACKBONES = [
     "mobilenetv2",
     "inceptionv3",
     "efficientnet_b0",
+    "efficientnet_lite0",
     "densenet121",
+    "vit_tiny",
     "tinycnn",
 ]
 settings = get_settings()  # typed env only: no DB or network at parse time
+# Shared options: every candidate's unless it sets its own; the defaults are the papers' recipe.
+SHARED = {
+    name: Param(default, **option_schema(name), description=OPTION_HELP[name])
+    for name, default in candidate_defaults().items()
+}
 
 
 @dag(
@@ -45,18 +64,13 @@ settings = get_settings()  # typed env only: no DB or network at parse time
     schedule=retrain_schedule(settings),
     **dag_defaults(__doc__, "training", retries=1, retry_minutes=5),
     params={
+        "candidates": Param([], type="array", items=candidate_schema(BACKBONES),
+                            description="Candidates with their own options, e.g. [{\"backbone\": \"efficientnet_lite0\", "
+                                        "\"init\": \"random\", \"lr\": 0.003}]; empty = one per backbone below"),
         "backbones": Param(["resnet18", "mobilenetv2", "efficientnet_b0"], type="array",
-                           items={"type": "string", "enum": BACKBONES}, description="One candidate per backbone"),
-        "epochs": Param(8, type="integer", minimum=1, maximum=200),
-        "image_size": Param(128, type="integer", minimum=32, maximum=512, description="Model input side"),
-        "batch_size": Param(32, type="integer", minimum=1, maximum=512),
-        "freeze_ratio": Param(0.5, type="number", minimum=0, maximum=1, description="Share of early layers frozen"),
-        "init": Param("random", enum=["random", "pretrained"], description="pretrained = weights registry"),
-        "channel_mode": Param(None, type=["null", "string"], enum=[None, "replicate", "viridis", "inferno"],
-                              description="Grayscale to 3 channels; null = the plan's (MMPIPE_CHANNEL_MODE)"),
-        "weighted_loss": Param(False, type="boolean", description="Weight the loss by the plan's class weights"),
-        "focal_gamma": Param(0.0, type="number", minimum=0, maximum=10, description="> 0: focal loss"),
-        "seed": Param(0, type="integer", minimum=0, description="Plan seed (sampling, augmentation) and init"),
+                           items={"type": "string", "enum": BACKBONES},
+                           description="One candidate per backbone (when candidates is empty)"),
+        **SHARED,
         "balance_target": Param(None, type=["null", "string"],
                                 description="'median', 'max', 'min', 'none' or a count; null = MMPIPE_BALANCE_TARGET"),
         "freeze_test": Param(None, type=["null", "string"], description="Name of a NEW test snapshot to freeze"),
@@ -93,31 +107,37 @@ def mmpipe_retrain():
     def candidates(prepared: dict, params=None) -> list[dict]:
         from mmpipe import pipeline
 
-        options = {k: params[k] for k in ("epochs", "image_size", "batch_size", "freeze_ratio", "init",
-                                           "channel_mode", "weighted_loss", "focal_gamma", "seed")}  # fmt: skip
+        shared = {name: params[name] for name in SHARED}
         return [{"plan_uri": prepared["plan_uri"], "candidate": c}
-                for c in pipeline.candidates(params["backbones"], **options)]  # fmt: skip
+                for c in pipeline.candidates(params["candidates"], params["backbones"], **shared)]  # fmt: skip
 
-    @task(max_active_tis_per_dagrun=2)
-    def evaluate(trained: dict, prepared: dict) -> dict:
+    @task(max_active_tis_per_dagrun=2, trigger_rule="all_done")  # runs whatever its training did
+    def evaluate(item: dict, prepared: dict, run_id=None) -> dict:
         from mmpipe import pipeline
 
-        return pipeline.evaluate_model(trained["model_version"], prepared["test_snapshot"])
+        name = item["candidate"]["name"]
+        result = pipeline.evaluate_candidate(run_id, name, prepared["test_snapshot"])
+        if result is None:
+            raise AirflowSkipException(f"training of {name} did not succeed: it does not compete")
+        return result
 
     @task(outlets=[CHAMPION], trigger_rule="none_failed")
     def promote(evaluations: list, prepared: dict, run_id=None) -> dict:
         from mmpipe import pipeline
 
         decision = pipeline.promote_best(
-            [e["model_version"] for e in evaluations], prepared["test_snapshot"], run_id
+            [e["model_version"] for e in evaluations or [] if e], prepared["test_snapshot"], run_id
         )
         if decision["decision"] != "promoted":
             raise AirflowSkipException(decision["reason"])  # no champion asset event
         return decision
 
     prepared = prepare_dataset()
-    trained = training_operator(settings, task_id="train").expand_kwargs(candidates(prepared))
-    evaluations = evaluate.partial(prepared=prepared).expand(trained=trained.output)
+    planned = candidates(prepared)
+    trained = training_operator(settings, task_id="train").expand_kwargs(planned)
+    # Mapped over the candidates, not over train's output: a failed training leaves no gap in the others.
+    evaluations = evaluate.partial(prepared=prepared).expand(item=planned)
+    trained >> evaluations
     evaluate_champion(prepared) >> promote(evaluations, prepared)
     report_task()
 

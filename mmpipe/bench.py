@@ -1,4 +1,4 @@
-"""``mmpipe bench ingest``: mmpipe's ingest against a naive sequential loop, measured in one process;
+"""``mmpipe bench ingest|score``: mmpipe against naive sequential loops, measured in one process;
 ``mmpipe bench synth``: whether the synthetic benchmark can rank backbones (bottom of the module).
 
 Both sides get the same synthetic DICOM objects, each in a fresh bucket of one throw-away embedded
@@ -8,6 +8,12 @@ mmpipe's side is the real :func:`mmpipe.ingest.run` (catalog on the embedded SQL
 figure includes everything the naive loop skips (pseudonyms, dedupe, quarantine, catalog rows).
 A second run with nothing new measures the cost of an idle nightly run. The last line printed is
 one JSON object with the figures.
+
+``bench score`` scores uncompressed synthetic DICOM at the demo size with a resnet18 champion
+(random weights: speed only) three ways: mmpipe's :func:`mmpipe.score.run`; the model's bare forward
+pass on ready tensors (same threads, same batch); and the naive loop (per object: get, ``dcmread``,
+scale, predict one image, put tags). It also states what finding the unscored objects costs at
+100,000 already-scored objects (synthetic catalog rows), with and without the watermark.
 """
 
 from __future__ import annotations
@@ -71,7 +77,7 @@ def _timed(fn: Callable[[], Any]) -> tuple[Any, float]:
     return result, time.perf_counter() - started
 
 
-def _settings(home: Path, endpoint: str) -> Settings:
+def _settings(home: Path, endpoint: str, **overrides: Any) -> Settings:
     return get_settings(
         home=home,
         s3_endpoint_url=endpoint,
@@ -81,6 +87,7 @@ def _settings(home: Path, endpoint: str) -> Settings:
         database_url=f"sqlite:///{home / 'catalog.db'}",
         pseudonym_salt="bench-salt-not-secret",
         image_size=CANONICAL_SIZE,
+        **overrides,
     )
 
 
@@ -130,17 +137,188 @@ def bench_ingest(objects: int, workdir: Path) -> dict[str, Any]:
     }
 
 
+SCORE_BACKBONE = "resnet18"
+SCORED_HISTORY = 100_000  # already-scored objects for the listing-cost figure
+
+
+def score_corpus(objects: int, size: int) -> list[bytes]:
+    """Uncompressed synthetic DICOM of the five classes, ``size`` px."""
+    out = []
+    for n in range(objects):
+        label = synth.CLASSES[n % len(synth.CLASSES)]
+        array, hints = synth.render(label, np.random.default_rng([7, n]), size)
+        uid = f"1.2.826.0.1.3680043.8.498.{n + 1}"
+        out.append(synth.dicom_bytes(array, label=label, patient_id=f"B{n}", study_uid=uid + ".1",
+                                     series_uid=uid + ".2", sop_uid=uid + ".3", hints=hints | {"rle": False}))  # fmt: skip
+    return out
+
+
+def register_champion(settings: Settings, store: Store, catalog: Any) -> tuple[str, str]:
+    from mmpipe import modelcard
+    from mmpipe.models import create_model, get_spec
+
+    spec = get_spec(SCORE_BACKBONE)
+    card = modelcard.ModelCard(
+        model_version="bench-1", backbone=SCORE_BACKBONE, classes=settings.classes,
+        canonical_size=settings.image_size, image_size=settings.image_size, channel_mode="replicate",
+        mean=spec.mean, std=spec.std, init="random", weights_fingerprint=None, freeze_ratio=0.0,
+        dataset_version="bench", plan_uri="", training_run_id="bench", best_val_macro_f1=0.0,
+    )  # fmt: skip
+    _, card_uri = modelcard.save(
+        store, "models/bench-1", create_model(SCORE_BACKBONE, len(card.classes)), card
+    )
+    catalog.upsert("models", [{"model_version": "bench-1", "training_run_id": "bench", "backbone": SCORE_BACKBONE,
+                               "checkpoint_uri": "", "card_uri": card_uri}], ["model_version"])  # fmt: skip
+    catalog.upsert("model_aliases", [{"alias": "champion", "model_version": "bench-1"}], ["alias"])
+    return "bench-1", card_uri
+
+
+def bare_forward(scorer: Any, images: int, size: int) -> float:
+    """Images/s of the model alone on ready, preprocessed tensors (channels_last, scoring's batch)."""
+    import torch
+
+    from mmpipe import modelcard, score
+
+    batch = torch.randint(0, 256, (score.INFER_BATCH, size, size), dtype=torch.uint8)
+    x = modelcard.preprocess_for(scorer.card, batch)
+    with (
+        torch.inference_mode(),
+        torch.autocast("cpu", dtype=scorer.autocast, enabled=scorer.autocast is not None),
+    ):
+        scorer.model(x)  # warm-up
+        rounds = max(1, images // score.INFER_BATCH)
+        started = time.perf_counter()
+        for _ in range(rounds):
+            scorer.model(x)
+        return rounds * score.INFER_BATCH / (time.perf_counter() - started)
+
+
+def naive_score(store: Store, scorer: Any, prefix: str, size: int) -> int:
+    """The baseline: per object, get -> dcmread -> scale -> resize -> predict one image -> put tags."""
+    from mmpipe import modelcard
+
+    done = 0
+    for obj in progress(store.list(prefix), desc="naive loop", unit="obj"):
+        pixels = pydicom.dcmread(io.BytesIO(store.get(obj.key))).pixel_array.astype(np.float32)
+        lo, hi = float(pixels.min()), float(pixels.max())
+        scaled = ((pixels - lo) * (255.0 / max(hi - lo, 1e-6))).astype(np.uint8)
+        resized = np.asarray(Image.fromarray(scaled).resize((size, size), Image.Resampling.BILINEAR))
+        probs = modelcard.predict(scorer.model, scorer.card, resized[None])[0]
+        top = int(probs.argmax())
+        store.put_tags(
+            obj.key, {"naive-modality": scorer.card.classes[top], "naive-confidence": f"{probs[top]:.3f}"}
+        )
+        done += 1
+    return done
+
+
+def listing_cost(catalog: Any, history: int) -> dict[str, float]:
+    """Seconds to find the unscored objects among ``history`` already-scored ones plus 100 new, with
+    the watermark (only new objects are looked up) and without it (every listed key looked up)."""
+    from mmpipe import score
+    from mmpipe.store import ObjectInfo
+
+    old = "2026-01-01T00:00:00.000Z"
+    rows = [{"model_version": "bench-1", "source_key": f"hist/{n:07d}.dcm", "source_etag": "e", "source_modified": old,
+             "fate": "tagged", "reason": "", "settled": True, "review_reasons": "", "images": 1, "tags_written": 6,
+             "tags_left_out": 0, "run_id": "history"} for n in range(history)]  # fmt: skip
+    for start in range(0, history, 10_000):
+        catalog.upsert("scored_objects", rows[start : start + 10_000], score.OBJECT_KEY)
+    listed = [ObjectInfo(r["source_key"], "e", 1, old) for r in rows]
+    listed += [ObjectInfo(f"new/{n}.dcm", "e", 1, "2026-06-01T00:00:00.000Z") for n in range(100)]
+    figures = {}
+    for name, mark in (("watermark", "2026-03-01T00:00:00+00:00"), ("no_watermark", None)):
+        (todo, skipped), seconds = _timed(lambda m=mark: score.select_unscored(catalog, listed, "bench-1", m))
+        if (len(todo), skipped) != (100, history):
+            raise MmpipeError(f"listing-cost check found {len(todo)} new, {skipped} skipped")
+        figures[name] = seconds
+    return figures
+
+
+def bench_score(objects: int, workdir: Path) -> dict[str, Any]:
+    from mmpipe import score
+
+    if objects < 1:
+        raise ConfigError(f"--objects must be at least 1, got {objects}")
+    server = embedded.start(workdir / "store")
+    try:
+        print(f"generating {objects} uncompressed synthetic DICOM objects ({SOURCE_SIZE} px)...", flush=True)
+        corpus = score_corpus(objects, SOURCE_SIZE)
+        sides = {}
+        for side in ("naive", "mmpipe"):
+            # random weights are never confident: as under a trained champion, nothing is flagged for
+            # review here (a flagged image costs a Grad-CAM: the tests cover that path)
+            settings = _settings(workdir / side, server.endpoint, low_confidence=0.0)
+            store = open_store(settings)
+            store.ensure_bucket()
+            with ThreadPoolExecutor(8) as pool:
+                list(
+                    pool.map(
+                        lambda a, s=store: s.put(f"{score.INCOMING_PREFIX}{a[0]:06d}.dcm", a[1]),
+                        enumerate(corpus),
+                    )
+                )
+            catalog = open_catalog(settings)
+            upgrade(catalog)
+            version, card_uri = register_champion(settings, store, catalog)
+            sides[side] = (settings, store, catalog)
+        settings, store, catalog = sides["mmpipe"]
+        scorer = score.Scorer.load(settings, store, version, card_uri)
+        forward = bare_forward(scorer, max(objects, 256), CANONICAL_SIZE)
+        print(f"bare forward ({SCORE_BACKBONE}, {CANONICAL_SIZE} px, batch {score.INFER_BATCH}, "
+              f"{score.torch_threads(settings)} torch threads): {forward:.1f} images/s")  # fmt: skip
+
+        summary, mmpipe_s = _timed(lambda: score.run(settings, store, catalog, "bench-score"))
+        if summary["tagged"] + summary["unknown"] != objects:
+            raise MmpipeError(f"bench corpus not fully scored: {json.dumps(summary)}")
+        print(f"mmpipe score: {objects} objects in {mmpipe_s:.1f} s = {objects / mmpipe_s:.1f} images/s")
+        _, naive_store, _ = sides["naive"]
+        done, naive_s = _timed(
+            lambda: naive_score(naive_store, scorer, score.INCOMING_PREFIX, CANONICAL_SIZE)
+        )
+        print(f"naive loop: {done} objects in {naive_s:.1f} s = {done / naive_s:.1f} images/s")
+        rerun, rerun_s = _timed(lambda: score.run(settings, store, catalog, "bench-rerun"))
+        print(f"rerun with nothing new: {rerun['skipped']} skipped in {rerun_s:.2f} s")
+        cost = listing_cost(sides["naive"][2], SCORED_HISTORY)
+        print(f"finding 100 new among {SCORED_HISTORY} already-scored objects (catalog side, listing given): "
+              f"{cost['watermark']:.2f} s with the watermark, {cost['no_watermark']:.2f} s without")  # fmt: skip
+        for _, _, cat in sides.values():
+            cat.dispose()
+    finally:
+        embedded.stop(server)
+    rate, naive_rate = objects / mmpipe_s, done / naive_s
+    return {
+        "bench": "score",
+        "objects": objects,
+        "images_per_s": round(rate, 2),
+        "bare_forward_per_s": round(forward, 2),
+        "naive_per_s": round(naive_rate, 2),
+        "vs_forward": round(rate / forward, 3),
+        "vs_naive": round(rate / naive_rate, 2),
+        "listing_100k_watermark_s": round(cost["watermark"], 3),
+        "listing_100k_no_watermark_s": round(cost["no_watermark"], 3),
+    }
+
+
+BENCHES = {"ingest": bench_ingest, "score": bench_score}
+
+
 def run(what: str, objects: int = 2000, images: int = 600) -> dict[str, Any]:
-    """Run benchmark ``what`` ("ingest" or "synth"), print its figures and a final JSON line, return them."""
+    """Run benchmark ``what`` (see BENCHES, or "synth"), print its figures and a final JSON line, return them."""
     if what == "synth":
         figures = bench_synth(images, SYNTH_SOURCE_SIZE, SYNTH_SIZE, seed=0)
         print(json.dumps(figures))
         return figures
-    if what != "ingest":
-        raise ConfigError(f"unknown benchmark {what!r}; available: ingest, synth")
-    logging.getLogger("mmpipe.ingest").setLevel(logging.WARNING)  # per-batch progress would drown the figures
+    if what not in BENCHES:
+        raise ConfigError(f"unknown benchmark {what!r}; available: {', '.join(BENCHES)}, synth")
+    for name in (
+        "mmpipe.ingest",
+        "mmpipe.score",
+        "mmpipe.decoding",
+    ):  # per-batch progress would drown the figures
+        logging.getLogger(name).setLevel(logging.WARNING)
     with tempfile.TemporaryDirectory(prefix="mmpipe-bench-") as tmp:
-        figures = bench_ingest(objects, Path(tmp))
+        figures = BENCHES[what](objects, Path(tmp))
     print(json.dumps(figures))
     return figures
 

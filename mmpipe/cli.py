@@ -253,18 +253,49 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
 
 def cmd_promote(args: argparse.Namespace) -> None:
+    """The gate over candidates, or a person's rollback / forced promotion (recorded with a reason)."""
     from mmpipe import pipeline
+    from mmpipe.errors import ConfigError
 
+    if args.rollback or args.force:
+        if args.model_versions or (args.rollback and args.force):
+            raise ConfigError("--rollback and --force take no candidates and exclude each other")
+        if args.rollback:
+            _print(pipeline.change_champion("rollback", args.run_id, args.to, reason=args.reason))
+        else:
+            _print(
+                pipeline.change_champion("promote", args.run_id, args.force, force=True, reason=args.reason)
+            )
+        return
+    if args.to:
+        raise ConfigError("--to goes with --rollback")
+    if not (args.model_versions and args.snapshot):
+        raise ConfigError("name the candidate model versions and --snapshot (or use --rollback / --force)")
     _print(pipeline.promote_best(args.model_versions, args.snapshot, args.run_id))
 
 
 def cmd_score(args: argparse.Namespace) -> None:
     from mmpipe import pipeline
 
-    results = [
-        pipeline.score_batch(args.run_id, uri) for uri in pipeline.score_list(args.run_id, args.prefix)
-    ]
-    _print({"batches": len(results), "tagged": sum(r["tagged"] for r in results)})
+    target = args.target or args.prefix
+    if not target.startswith("s3://") and Path(target).exists():
+        out = Path(args.out or "mmpipe-scores.csv")
+        summary = pipeline.score_local(Path(target), out, args.model_version)
+        title = f"scored {target} (nothing written to the store)"
+    else:
+        window = {"modified_from": args.modified_from, "modified_to": args.modified_to}
+        summary = pipeline.score_all(args.run_id, target, args.model_version, force=args.force, **window)
+        title = f"scoring run {args.run_id}"
+    tables.show(summary, args.json, lambda s: format_fates(s, title))
+
+
+def format_fates(summary: dict[str, Any], title: str) -> str:
+    """The run's fates as a table (listed = the sum of the others), then its other fields."""
+    fates = ("tagged", "unreadable", "unknown", "skipped", "failed", "not_reached")
+    rows = [{"fate": f, "objects": summary[f]} for f in fates if f in summary]
+    rows.append({"fate": "listed", "objects": summary["listed"]})
+    rest = {k: v for k, v in summary.items() if k not in fates and k != "listed"}
+    return tables.fields(rest, title) + "\n\n" + tables.table(rows, title="fates")
 
 
 def cmd_weights(args: argparse.Namespace) -> None:
@@ -291,14 +322,24 @@ def cmd_leaderboard(args: argparse.Namespace) -> None:
 
 
 def format_leaderboard(rows: Sequence[dict[str, Any]]) -> str:
-    header = f"{'candidate':<18} {'backbone':<16} {'snapshot':<10} {'accuracy':>8} {'macro-F1':>8} {'AUC':>6}  promoted"
+    """Candidates with the validation metric that chose among them, their test scores, and the two
+    baselines (majority class, 16x16-thumbnail linear) on the same snapshot."""
+
+    def num(value: Any, width: int) -> str:
+        return f"{value:>{width}.3f}" if value is not None else f"{'n/a':>{width}}"
+
+    header = (
+        f"{'candidate':<18} {'backbone':<16} {'init':<10} {'snapshot':<10} {'val-F1':>6} {'accuracy':>8} "
+        f"{'macro-F1':>8} {'AUC':>6} {'ECE':>6} {'majority':>8} {'thumb16':>7}  promoted"
+    )
     lines = [header, "-" * len(header)]
     for r in rows:
-        auc = f"{r['macro_auc']:.3f}" if r["macro_auc"] is not None else "  n/a"
         mark = "yes (champion)" if r["is_champion"] else "yes" if r["promoted"] else "no"
         lines.append(
-            f"{r['candidate']:<18} {r['backbone']:<16} {r['test_snapshot']:<10} "
-            f"{r['accuracy']:>8.3f} {r['macro_f1']:>8.3f} {auc:>6}  {mark}"
+            f"{r['candidate']:<18} {r['backbone']:<16} {r['init'] or 'n/a':<10} {r['test_snapshot']:<10} "
+            f"{num(r['val_macro_f1'], 6)} {num(r['accuracy'], 8)} {num(r['macro_f1'], 8)} "
+            f"{num(r['macro_auc'], 6)} {num(r['ece'], 6)} {num(r['majority_f1'], 8)} "
+            f"{num(r['thumbnail_f1'], 7)}  {mark}"
         )
     return "\n".join(lines)
 
@@ -427,14 +468,32 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--snapshot", required=True)
     ev.set_defaults(fn=cmd_evaluate)
 
-    pr = sub.add_parser("promote", help="promote the best candidate if it beats the champion")
-    pr.add_argument("model_versions", nargs="+")
-    pr.add_argument("--snapshot", required=True)
-    pr.add_argument("--run-id", required=True)
+    pr = sub.add_parser(
+        "promote",
+        help="gate the best candidate (chosen on validation) against the champion; or roll back / force",
+    )
+    pr.add_argument("model_versions", nargs="*", help="candidate model versions (the gate path)")
+    pr.add_argument("--snapshot", help="frozen test snapshot the gate judges on")
+    pr.add_argument("--run-id", default=CLI_RUN_ID)
+    pr.add_argument("--rollback", action="store_true", help="give the champion back to the one it replaced")
+    pr.add_argument("--to", metavar="VERSION", help="with --rollback: the former champion to go back to")
+    pr.add_argument("--force", metavar="MODEL_VERSION", help="make this model champion without the gate")
+    pr.add_argument("--reason", help="why (required with --force; recorded in the alias history)")
     pr.set_defaults(fn=cmd_promote)
 
     sc = sub.add_parser("score", help="score incoming objects with the champion and tag them")
-    sc.add_argument("--prefix", default="incoming/")
+    sc.add_argument(
+        "target",
+        nargs="?",
+        help="a store prefix (default incoming/), an s3:// URI, or a local file or folder (writes --out, "
+        "changes nothing in the store)",
+    )
+    sc.add_argument("--prefix", default="incoming/", help="store prefix when no TARGET is given")
+    sc.add_argument("--model-version", default="", help="model to score with (default: the champion)")
+    sc.add_argument("--modified-from", default="", help="only objects modified at or after (ISO time)")
+    sc.add_argument("--modified-to", default="", help="only objects modified before (ISO time)")
+    sc.add_argument("--force", action="store_true", help="rescore objects this model already scored")
+    sc.add_argument("--out", help="local TARGET: results file, .csv (default mmpipe-scores.csv) or .json")
     sc.add_argument("--run-id", default=CLI_RUN_ID)
     sc.set_defaults(fn=cmd_score)
 
@@ -466,7 +525,7 @@ def build_parser() -> argparse.ArgumentParser:
     lineage.set_defaults(fn=cmd_dataset_lineage)
 
     bench = sub.add_parser("bench", help="benchmarks that print their figures (not timed tests)")
-    bench.add_argument("what", choices=("ingest", "synth"))
+    bench.add_argument("what", choices=("ingest", "score", "synth"))
     bench.add_argument("--objects", type=int, default=2000)
     bench.add_argument("--images", type=int, default=600, help="synth: images per difficulty")
     bench.set_defaults(fn=cmd_bench)

@@ -37,6 +37,12 @@ class Settings(BaseSettings):
     pseudonym_salt: SecretStr | None = Field(None, description="Secret salt for patient pseudonyms.")
     training_backend: Literal["local", "kubernetes"] = "local"
     device: str = Field("auto", description="'auto' (CUDA when present), 'cpu' or 'cuda'.")
+    train_loader_workers: int = Field(
+        1,
+        ge=0,
+        le=32,
+        description="Processes preparing training batches beside the model (0 = in the training process).",
+    )
     shard_size: int = Field(256, ge=1, description="Images per curated shard object.")
     ingest_workers: int = Field(8, ge=1, le=64, description="Concurrent downloads/decodes per ingest task.")
     max_object_bytes: int = Field(512 * 2**20, description="Largest object ingest will read.")
@@ -45,7 +51,31 @@ class Settings(BaseSettings):
     max_image_pixels: int = Field(8192 * 8192, description="Largest rows*columns of one frame.")
     max_frames: int = Field(2048, description="Most frames one multi-frame object may hold.")
     low_confidence: float = Field(0.6, ge=0, le=1, description="Scores below this are flagged for review.")
-    promotion_min_gain: float = Field(0.0, description="Macro-F1 gain a challenger needs over the champion.")
+    score_threads: int = Field(
+        0,
+        ge=0,
+        le=256,
+        description="torch threads of one scoring task: 0 = half the CPUs (the scoring DAG runs two "
+        "batches at once, and decode processes need the rest).",
+    )
+    promotion_min_gain: float = Field(
+        0.0, ge=0, description="Gain in the primary metric a challenger needs over the champion."
+    )
+    # The rest of the promotion gate (mmpipe.promote): every rule must pass.
+    promotion_metric: Literal[
+        "macro_f1", "accuracy", "macro_auc", "macro_recall", "macro_precision", "macro_specificity"
+    ] = Field("macro_f1", description="The gate's primary metric on the frozen test snapshot.")
+    promotion_baseline_margin: float = Field(
+        0.02,
+        ge=0,
+        description="Primary-metric margin a challenger needs over the 16x16-thumbnail linear baseline.",
+    )
+    promotion_max_recall_drop: float = Field(
+        0.05, ge=0, le=1, description="Largest drop of any class's recall below the champion's."
+    )
+    promotion_min_class_recall: float = Field(
+        0.8, ge=0, le=1, description="Lowest recall any class may have (absolute floor)."
+    )
     retrain_schedule: Literal["cron", "asset"] = Field(
         "cron",
         description="mmpipe_retrain runs nightly (cron) or whenever ingest publishes validated curated "

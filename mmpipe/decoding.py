@@ -283,18 +283,23 @@ def _die_with_parent(parent: int) -> None:
         os._exit(1)
 
 
-def _worker_start(store: Store, context: DecodeContext, parent: int) -> None:
-    """Set up one forked decode process, with nothing logged or warned.
-
-    ``store`` was built by the parent for its decode processes and never used there, so it holds no
-    connection to share: each process opens its own on first use (a client built once, not once per
-    process, saves ~0.2 s of CPU per process). The parent's logging handlers and locks are not the
-    child's to use; outcomes (reasons and details) carry everything the parent records.
-    """
-    global _worker
+def quiet_child(parent: int) -> None:
+    """Set up a forked helper process: it dies with ``parent`` and logs or warns nothing (the parent's
+    logging handlers and locks are not the child's to use; its answers carry what the parent records)."""
     _die_with_parent(parent)
     logging.disable(logging.CRITICAL)
     warnings.simplefilter("ignore")
+
+
+def _worker_start(store: Store, context: DecodeContext, parent: int) -> None:
+    """Set up one forked decode process (:func:`quiet_child`).
+
+    ``store`` was built by the parent for its decode processes and never used there, so it holds no
+    connection to share: each process opens its own on first use (a client built once, not once per
+    process, saves ~0.2 s of CPU per process).
+    """
+    global _worker
+    quiet_child(parent)
     _worker = (store, context)
 
 
@@ -350,14 +355,17 @@ class Fetcher:
     the module doc.
     """
 
-    def __init__(self, settings: Settings, store: Store, context: DecodeContext, objects: int):
+    def __init__(
+        self, settings: Settings, store: Store, context: DecodeContext, objects: int, local: bool = False
+    ):
+        """``local``: ``store`` reads local files (anything with ``fetch(key)``), shared with the processes."""
         processes = decode_processes(settings)
         self.processes = min(processes, max(objects, 1))
         self.store, self.context = store, context
         self.timeout = settings.decode_timeout_seconds  # enforced in decode processes only
         if processes > 1:
             # built here, used only by the decode processes: none shares a connection (_worker_start)
-            self.worker_store = Store(settings)
+            self.worker_store = store if local else Store(settings)
             self.pool = self._process_pool()
         else:
             self.pool = ThreadPoolExecutor(settings.ingest_workers)

@@ -47,6 +47,7 @@ PROFILES = {
         64,
         {
             "backbones": ["tinycnn", "resnet18", "mobilenetv2"],
+            "init": "random",  # no pretrained weights for these in the demo's registry
             "epochs": 6,
             "image_size": 64,
             "batch_size": 32,

@@ -472,12 +472,12 @@ CLAIMS = (
 RELEASE_CLAIMS = sa.text("DELETE FROM ingest_claims WHERE source_key = :k AND etag = :e AND run_id = :r")
 
 
-def _now() -> datetime:
+def utc_now() -> datetime:
     """UTC wall time of this host, naive (as TIMESTAMP columns hold it) for heartbeats."""
     return datetime.now(UTC).replace(tzinfo=None)
 
 
-def _serialised(conn: Connection) -> None:
+def serialised(conn: Connection) -> None:
     """PostgreSQL: one batch claims or commits at a time (on SQLite the transaction's first write
     takes the database write lock for the rest of it)."""
     if conn.dialect.name == "postgresql":
@@ -490,8 +490,8 @@ def claim(catalog: Catalog, run_id: str, objects: Sequence[ObjectInfo]) -> tuple
     keys = sorted({o.key for o in objects})
 
     def work(conn: Connection) -> list[ObjectInfo]:
-        _serialised(conn)
-        conn.execute(sa.text(HEARTBEAT), {"r": run_id, "now": _now()})  # also SQLite's write lock
+        serialised(conn)
+        conn.execute(sa.text(HEARTBEAT), {"r": run_id, "now": utc_now()})  # also SQLite's write lock
         recorded = {(r["source_key"], r["etag"]): r for r in select_in(conn, RECORDED, keys)}
         claims = {(r["source_key"], r["etag"]): r for r in select_in(conn, CLAIMS, keys)}
         mine = [
@@ -499,7 +499,9 @@ def claim(catalog: Catalog, run_id: str, objects: Sequence[ObjectInfo]) -> tuple
             for o in objects
             if _claimable(run_id, recorded.get((o.key, o.etag)), claims.get((o.key, o.etag)))
         ]
-        rows = [{"source_key": o.key, "etag": o.etag, "run_id": run_id, "claimed_at": _now()} for o in mine]
+        rows = [
+            {"source_key": o.key, "etag": o.etag, "run_id": run_id, "claimed_at": utc_now()} for o in mine
+        ]
         catalog.upsert("ingest_claims", rows, ["source_key", "etag"], conn)
         return mine
 
@@ -528,7 +530,7 @@ class Heartbeat:
 
     def __call__(self) -> None:
         if time.monotonic() - self.last >= HEARTBEAT_SECONDS:
-            self.catalog.execute(HEARTBEAT, {"r": self.run_id, "now": _now()})
+            self.catalog.execute(HEARTBEAT, {"r": self.run_id, "now": utc_now()})
             self.last = time.monotonic()
 
 
@@ -568,24 +570,27 @@ def _owner_gone(owner: str | None) -> bool:
     return False
 
 
-def abandon_stale_runs(settings: Settings, catalog: Catalog, current: str | None = None) -> list[str]:
-    """Mark ``abandoned`` the runs still ``running`` whose process is gone (this host) or that have not
-    heartbeat for ``abandon_after_hours``; their claims lapse with them."""
-    cutoff = _now() - timedelta(hours=settings.abandon_after_hours)
+def abandon_stale_runs(
+    settings: Settings, catalog: Catalog, current: str | None = None, table: str = "ingest_runs"
+) -> list[str]:
+    """Mark ``abandoned`` the runs (of ``table``: ingest_runs or score_runs) still ``running`` whose
+    process is gone (this host) or that have not heartbeat for ``abandon_after_hours``; their claims
+    lapse with them."""
+    if table not in ("ingest_runs", "score_runs"):
+        raise ValueError(f"no runs table {table!r}")
+    cutoff = utc_now() - timedelta(hours=settings.abandon_after_hours)
     stale = [
         r["run_id"]
-        for r in catalog.query("SELECT run_id, owner, heartbeat_at FROM ingest_runs WHERE status = 'running'")
+        for r in catalog.query(f"SELECT run_id, owner, heartbeat_at FROM {table} WHERE status = 'running'")
         if r["run_id"] != current and (_owner_gone(r["owner"]) or _timestamp(r["heartbeat_at"]) < cutoff)
     ]
     if stale:
         catalog.execute(
-            "UPDATE ingest_runs SET status = 'abandoned', finished_at = CURRENT_TIMESTAMP "
+            f"UPDATE {table} SET status = 'abandoned', finished_at = CURRENT_TIMESTAMP "
             "WHERE run_id = :r AND status = 'running'",
             [{"r": r} for r in stale],
         )
-        log.warning(
-            "marked %d ingest runs abandoned (their process is gone or silent): %s", len(stale), stale
-        )
+        log.warning("marked %d %s abandoned (their process is gone or silent): %s", len(stale), table, stale)
     return stale
 
 
@@ -672,7 +677,7 @@ def record_outcomes(
 
     def commit(conn: Connection) -> tuple[int, int, list[dict[str, Any]]]:
         # Run again if the connection drops: it changes fresh, duplicates and stored only as a rerun would.
-        _serialised(conn)
+        serialised(conn)
         conn.execute(SUPERSEDE_SOURCES, versions)
         _forget_stale_quarantine(conn, versions, quarantine_rows)
         conn.execute(FORGET_DUPLICATES, versions)
@@ -754,7 +759,7 @@ def _settle_claims(
     ]
     catalog.upsert("ingest_errors", rows, ["run_id", "source_key", "source_etag", "member_path"], conn)
     conn.execute(RELEASE_CLAIMS, [{"k": o.obj.key, "e": o.obj.etag, "r": run_id} for o in held + recorded])
-    conn.execute(sa.text(HEARTBEAT), {"r": run_id, "now": _now()})
+    conn.execute(sa.text(HEARTBEAT), {"r": run_id, "now": utc_now()})
     for o in held:
         log.warning("ingest %s: %s left for the next run: %s", run_id, o.obj.key, o.errors[0]["error"])
 
@@ -834,8 +839,12 @@ def sweep_orphans(settings: Settings, store: Store, catalog: Catalog) -> dict[st
     Shards of retired images stay: frozen snapshots and old plans may still read them.
     """
     abandon_stale_runs(settings, catalog)
+    abandon_stale_runs(settings, catalog, table="score_runs")
     catalog.execute(  # claims of runs no longer running bind nobody
         "DELETE FROM ingest_claims WHERE run_id NOT IN (SELECT run_id FROM ingest_runs WHERE status = 'running')"
+    )
+    catalog.execute(
+        "DELETE FROM score_claims WHERE run_id NOT IN (SELECT run_id FROM score_runs WHERE status = 'running')"
     )
     referenced = {r["uri"] for r in catalog.query("SELECT DISTINCT shard_uri AS uri FROM images")}
     referenced |= {r["uri"] for r in catalog.query("SELECT record_uri AS uri FROM quarantine")}
@@ -860,7 +869,7 @@ def sweep_orphans(settings: Settings, store: Store, catalog: Catalog) -> dict[st
 def start_run(
     catalog: Catalog, run_id: str, prefix: str, labeling: Labeling | None = None, owner: str | None = None
 ) -> None:
-    row = {"run_id": run_id, "prefix": prefix, "status": "running", "heartbeat_at": _now(), "owner": owner}
+    row = {"run_id": run_id, "prefix": prefix, "status": "running", "heartbeat_at": utc_now(), "owner": owner}
     if labeling:
         row |= {"rules_hash": labeling.rules, "manifests_hash": labeling.manifests}
     catalog.upsert("ingest_runs", [row], ["run_id"])
@@ -1053,7 +1062,7 @@ def release_quarantine(catalog: Catalog, reason: str, run_id: str | None = None)
         }
     digest = hashlib.sha256(json.dumps([reason, run_id, objects]).encode()).hexdigest()[:8]
     release = {
-        "release_id": f"release-{_now():%Y%m%dT%H%M%S}-{digest}",
+        "release_id": f"release-{utc_now():%Y%m%dT%H%M%S}-{digest}",
         "reason": reason,
         "run_filter": run_id,
         "objects": len(objects),

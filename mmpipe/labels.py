@@ -227,8 +227,10 @@ class Labeler:
         classes: Sequence[str],
         manifests: Iterable[Manifest] = (),
         rules: Sequence[HeaderRule] = (),
+        fallback: Label | None = None,
     ):
         self.classes = tuple(classes)
+        self.fallback = fallback  # what resolve gives when no source speaks (scoring: no label needed)
         # deepest folder first: the nearest manifest wins
         self.manifests = sorted(manifests, key=lambda m: (-m.folder.count("/"), m.key))
         self.rules = tuple(rules)
@@ -259,13 +261,15 @@ class Labeler:
         body_part: str | None = None,
         description: str | None = None,
     ) -> Label:
-        """The image's label; :class:`Rejected` (UNLABELLED) when no source gives one."""
+        """The image's label; the fallback, else :class:`Rejected` (UNLABELLED), when no source gives one."""
         label = self.explicit(key, member)
         if label:
             return label
         for rule in self.rules:
             if rule.matches(modality, body_part, description):
                 return Label(rule.label, "header_rule")
+        if self.fallback is not None:
+            return self.fallback
         raise Rejected(
             Reason.UNLABELLED,
             "no manifest entry, no training/<class>/ folder and no header rule matched",

@@ -49,9 +49,16 @@ class ModelCard:
     ood_score: str = "energy"  # how out-of-distribution is scored (mmpipe.calibration.energy)
     ood_threshold: float | None = None  # score above this = out of distribution; None = no open-set check
     ood_recall: float | None = None  # share of in-distribution validation images under the threshold
+    ece_before: float | None = None  # validation ECE at temperature 1 and at the fitted temperature
+    ece_after: float | None = None
+    recipe: dict[str, Any] = field(default_factory=dict)  # the whole candidate (mmpipe.train.Candidate)
+    warnings: tuple[str, ...] = ()  # options the training ignored, and why
     # Share of frozen-test predictions that a reduced precision ("bfloat16", "float16") keeps equal to
     # float32, measured at promotion; scoring uses a precision only where it is recorded high enough.
     precision_agreement: dict[str, float] = field(default_factory=dict)
+    # The latest evaluation on a frozen test snapshot (mmpipe.evaluate): which snapshot, and its metrics.
+    test_snapshot: str | None = None
+    test_metrics: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)

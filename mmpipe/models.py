@@ -108,7 +108,7 @@ BACKBONES: dict[str, BackboneSpec] = {
         # Inputs are padded to whole 16-px patches and the position embeddings interpolated to the patch
         # grid, so the project's small sizes work too (64 px is a 4x4 grid).
         BackboneSpec("vit_tiny", "timm", "vit_tiny_patch16_224", 224, 1, INCEPTION_MEAN, INCEPTION_STD),
-        BackboneSpec("tinycnn", "local", "tinycnn", 224, 1, IMAGENET_MEAN, IMAGENET_STD),
+        BackboneSpec("tinycnn", "local", "tinycnn", 64, 1, IMAGENET_MEAN, IMAGENET_STD),
     )
 }
 

@@ -8,13 +8,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 from mmpipe import dataset, evaluate, ingest, promote, score
+from mmpipe.candidate import Candidate
 from mmpipe.catalog import Catalog, open_catalog
 from mmpipe.config import Settings, get_settings
+from mmpipe.errors import ConfigError, MmpipeError
 from mmpipe.store import ObjectInfo, Store, open_store
-from mmpipe.train import Candidate
 
 
 def connect(settings: Settings | None = None) -> tuple[Settings, Store, Catalog]:
@@ -75,13 +77,30 @@ def prepare_dataset(run_id: str, **options: Any) -> dict[str, Any]:
     return dataset.prepare_dataset(*connect(), run_id, **options)
 
 
-def candidates(backbones: Sequence[str], **options: Any) -> list[dict[str, Any]]:
-    """Candidate dicts for dynamic mapping, validated up front (unknown backbone -> one clear error)."""
-    out = []
-    for name in backbones:
-        data = {"name": name.replace("_", "-"), "backbone": name, **options}
-        out.append(asdict(Candidate.from_dict(data)))
-    return out
+def candidates(
+    specs: Sequence[dict[str, Any]] | None = None, backbones: Sequence[str] = (), **shared: Any
+) -> list[dict[str, Any]]:
+    """Candidate dicts for dynamic mapping, validated up front: each of ``specs`` (or one per backbone)
+    over the ``shared`` options (None = the recipe's default). Unknown options, duplicate names and
+    an ``init='champion'`` without a champion of that backbone fail here, before any training."""
+    from mmpipe.train import champion_checkpoint
+
+    shared = {k: v for k, v in shared.items() if v is not None}
+    chosen = [
+        Candidate.from_dict({**shared, **spec}) for spec in (specs or [{"backbone": b} for b in backbones])
+    ]
+    if not chosen:
+        raise ConfigError("no candidates: give candidates or backbones")
+    names = [c.name for c in chosen]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise ConfigError(f"candidate name(s) {twice} used twice: give each candidate its own name")
+    if any(c.init == "champion" for c in chosen):
+        _, _, catalog = connect()
+        for c in chosen:
+            if c.init == "champion":
+                champion_checkpoint(catalog, c.backbone)
+    return [c.to_dict() for c in chosen]
 
 
 # --- train / evaluate / promote ---------------------------------------------------------------
@@ -99,41 +118,89 @@ def evaluate_model(model_version: str, snapshot: str) -> dict[str, Any]:
     return evaluate.evaluate_model(settings, store, catalog, model_version, snapshot)
 
 
-def promote_best(model_versions: Sequence[str], snapshot: str, run_id: str) -> dict[str, Any]:
-    """Make sure the champion is measured on the snapshot (a no-op when it is), then apply the gate."""
+def evaluate_candidate(run_id: str, candidate: str, snapshot: str) -> dict[str, Any] | None:
+    """Evaluate what ``candidate`` trained in ``run_id``; None when its training did not succeed
+    (recorded as failed, or never started), so one failed candidate leaves the others to compete."""
     settings, store, catalog = connect()
-    evaluate.evaluate_champion(settings, store, catalog, snapshot, reason=f"before promotion in {run_id}")
-    return promote.promote_best(catalog, model_versions, snapshot, run_id, settings.promotion_min_gain)
+    found = catalog.query(
+        "SELECT model_version FROM training_runs WHERE airflow_run_id = :r AND candidate = :c "
+        "AND status = 'succeeded' AND model_version IS NOT NULL",
+        r=run_id,
+        c=candidate,
+    )
+    if not found:
+        return None
+    return evaluate.evaluate_model(settings, store, catalog, found[0]["model_version"], snapshot)
+
+
+def promote_best(model_versions: Sequence[str], snapshot: str, run_id: str) -> dict[str, Any]:
+    """The challenger chosen on validation among the succeeded candidates, judged on ``snapshot``."""
+    return promote.promote_best(*connect(), model_versions, snapshot, run_id)
+
+
+def change_champion(
+    action: str,
+    run_id: str,
+    model_version: str | None = None,
+    force: bool = False,
+    reason: str | None = None,
+    snapshot: str | None = None,
+) -> dict[str, Any]:
+    """A person's change of the champion: ``rollback`` (to ``model_version``, else to the champion the
+    current one replaced), or ``promote`` ``model_version`` through the gate on ``snapshot`` (default: the
+    newest frozen one), or past the gate with ``force`` and a ``reason``. Every change is in the alias history."""
+    settings, store, catalog = connect()
+    if action == "rollback":
+        return promote.rollback(catalog, run_id, reason or "rollback requested", to=model_version)
+    if action != "promote":
+        raise MmpipeError(f"unknown champion action {action!r}: promote or rollback")
+    if not model_version:
+        raise MmpipeError("name the model version to promote")
+    if force:
+        return promote.force(catalog, model_version, run_id, reason or "")
+    snapshot = snapshot or catalog.scalar(
+        "SELECT name FROM test_snapshots ORDER BY created_at DESC, name DESC LIMIT 1"
+    )
+    if snapshot is None:
+        raise MmpipeError("no frozen test snapshot to judge on: freeze one first")
+    return promote.promote_best(settings, store, catalog, [model_version], snapshot, run_id)
 
 
 def leaderboard(limit: int = 20) -> list[dict[str, Any]]:
     _, _, catalog = connect()
     return catalog.query(
-        "SELECT candidate, backbone, model_version, test_snapshot, accuracy, macro_f1, macro_auc, ece, "
+        "SELECT candidate, backbone, init, airflow_run_id, model_version, val_macro_f1, test_snapshot, "
+        "accuracy, macro_f1, macro_auc, ece_before, ece, latency_ms, majority_f1, thumbnail_f1, "
         "is_champion, promoted FROM leaderboard ORDER BY created_at DESC, macro_f1 DESC LIMIT :n",
         n=limit,
     )
 
 
-# --- score ------------------------------------------------------------------------------------
+# --- score: see mmpipe.score ------------------------------------------------------------------
 
 
-def score_list(run_id: str, prefix: str = score.INCOMING_PREFIX, batch_size: int = 100) -> list[str]:
-    """Manifests of objects not yet scored by the current champion, one per mapped task."""
-    _, store, catalog = connect()
-    version, card_uri = score.current_champion(catalog)
-    todo = score.list_unscored(store, catalog, prefix, version)
+def score_list(
+    run_id: str,
+    prefix: str = score.INCOMING_PREFIX,
+    batch_size: int = 100,
+    model_version: str = "",
+    modified_from: str = "",
+    modified_to: str = "",
+    force: bool = False,
+) -> list[str]:
+    """Record the run's listing and write one manifest per mapped task of objects to score."""
+    settings, store, catalog = connect()
+    version, card_uri = score.resolve_model(catalog, model_version)
+    window = {"modified_from": modified_from, "modified_to": modified_to}
+    listing = score.list_unscored(store, catalog, prefix, version, force=force, **window)
+    listing = score.open_run(settings, catalog, run_id, version, prefix, listing, force=force, **window)
     slug = ingest.run_slug(run_id)
     return [
         store.put_json(
             f"results/score/{slug}/batches/{n:05d}.json",
-            {
-                "model_version": version,
-                "card_uri": card_uri,
-                "objects": [asdict(o) for o in batch],
-            },
+            {"model_version": version, "card_uri": card_uri, "objects": [asdict(o) for o in batch]},
         )
-        for n, batch in enumerate(ingest.batches(todo, batch_size))
+        for n, batch in enumerate(ingest.batches(listing.todo, batch_size))
     ]
 
 
@@ -144,3 +211,21 @@ def score_batch(run_id: str, batch_uri: str) -> dict[str, Any]:
     return score.score_objects(
         settings, store, catalog, objects, batch["model_version"], batch["card_uri"], run_id
     )
+
+
+def score_all(run_id: str, target: str, model_version: str = "", **options: Any) -> dict[str, Any]:
+    """A whole scoring run in this process (the CLI): ``target`` is a prefix or an s3:// URI."""
+    settings, store, catalog = connect()
+    store.check()
+    prefix = store.key_of(target) if target.startswith("s3://") else target
+    return score.run(settings, store, catalog, run_id, prefix, model_version=model_version, **options)
+
+
+def score_local(path: Path, out: Path, model_version: str = "") -> dict[str, Any]:
+    """Score local files into ``out``; nothing is written to the store or the catalog."""
+    return score.run_local(*connect(), path, out, model_version)
+
+
+def score_finish(run_id: str) -> dict[str, Any]:
+    """Reconcile the run: listed = tagged + unreadable + unknown + skipped + failed."""
+    return score.finish_run(connect()[2], run_id)

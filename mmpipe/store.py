@@ -427,8 +427,11 @@ class Store:
 
     def put_tags(self, key: str, tags: dict[str, str]) -> None:
         """Merge ``tags`` into the object's tag set; the object's bytes are never rewritten."""
-        merged = {**self.get_tags(key), **tags}
-        tag_set = [{"Key": k, "Value": str(v)[:256]} for k, v in sorted(merged.items())]
+        self.set_tags(key, {**self.get_tags(key), **tags})
+
+    def set_tags(self, key: str, tags: dict[str, str]) -> None:
+        """Replace the object's whole tag set with ``tags``; the object's bytes are never rewritten."""
+        tag_set = [{"Key": k, "Value": str(v)[:256]} for k, v in sorted(tags.items())]
         self._call(
             "put tags " + key,
             self._client.put_object_tagging,

@@ -9,7 +9,7 @@ import pytest
 from airflow.dag_processing.dagbag import DagBag
 
 DAGS = Path(__file__).resolve().parents[2] / "dags"
-EXPECTED = {"mmpipe_ingest", "mmpipe_retrain", "mmpipe_score"}
+EXPECTED = {"mmpipe_champion", "mmpipe_ingest", "mmpipe_retrain", "mmpipe_score"}
 
 
 @pytest.fixture(scope="module")
@@ -57,4 +57,4 @@ def test_retrain_params_are_typed_for_the_ui(dagbag: DagBag) -> None:
         params.keys()
     )
     schema = params.get_param("init").schema
-    assert schema.get("enum") == ["random", "pretrained"]
+    assert schema.get("enum") == ["pretrained", "random", "champion"]

@@ -10,17 +10,14 @@ clean run gives. Every test adds its figures to the suite's summary table.
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import signal
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
 import sqlalchemy as sa
@@ -28,7 +25,14 @@ import sqlalchemy as sa
 from mmpipe import decoding, embedded, ingest
 from mmpipe.store import open_store
 from tests.faults.proxy import Faults, fault_proxy
-from tests.faults.workload import assert_recovered, first_run, recovery
+from tests.faults.workload import (
+    assert_recovered,
+    child_settings,
+    first_run,
+    in_background,
+    recovery,
+    wait_for,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -64,31 +68,8 @@ def rerun_and_check(fault: str, figures: dict, settings, store, catalog, referen
     return figures
 
 
-def in_background(action: Callable[[], dict]) -> tuple[threading.Thread, dict]:
-    out: dict[str, Any] = {}
-    thread = threading.Thread(target=lambda: out.update(first_run(action)), daemon=True)
-    thread.start()
-    return thread, out
-
-
 def committed(catalog) -> int:
     return catalog.scalar("SELECT count(*) FROM source_objects")
-
-
-def wait_for(condition: Callable[[], bool], timeout: float = 180) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "the run never got there"
-        time.sleep(0.02)
-
-
-def child_settings(settings) -> str:
-    values = {}
-    for name, value in settings.model_dump().items():
-        if value is not None:
-            value = value.get_secret_value() if hasattr(value, "get_secret_value") else value
-            values[name] = str(value) if isinstance(value, Path) else value
-    return json.dumps(values)
 
 
 def start_child(settings, run_id: str, *sync: Path) -> subprocess.Popen:

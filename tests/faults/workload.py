@@ -4,32 +4,39 @@ into the real store and catalog, and the recovery figures of the run after the f
 :func:`recovery` measures, after the rerun, what docs/reliability.md tabulates: exact accounting,
 pixel copies kept twice, orphans, quarantines a transient fault caused, and whether the catalog is
 the one a clean run of the same corpus produces (order aside: which copy of a re-sent image owns
-it may differ). Scoring brings its own corpus and recovery figures (scoring fates) to the same faults.
+it may differ). :func:`score_recovery` does the same for scoring, on the same corpus under
+``incoming/``: every object's fate accounted once, its tags those of a clean run (mmpipe's from one
+model, the hospital's kept), no transient fault turned into a verdict.
 """
 
 from __future__ import annotations
 
 import json
+import threading
+import time
 from collections import Counter, defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-from mmpipe import ingest, synth
+from mmpipe import ingest, score, synth
 from mmpipe.catalog import Catalog
 from mmpipe.config import Settings
 from mmpipe.store import Store
 
 PREFIX = "training/"
+SCORE_PREFIX = score.INCOMING_PREFIX
 
 
-def corpus() -> dict[str, bytes]:
+def corpus(prefix: str = PREFIX) -> dict[str, bytes]:
     """40 synthetic images (DICOM, PNG, JPEG, zip archives), a re-sent copy and two broken objects."""
-    objects = {PREFIX + o.key: o.body for o in synth.generate(40, size=48, seed=7, archive_fraction=0.25)}
+    objects = {prefix + o.key: o.body for o in synth.generate(40, size=48, seed=7, archive_fraction=0.25)}
     first_dicom = next(k for k in sorted(objects) if k.endswith(".dcm"))
     label = first_dicom.split("/")[1]
-    objects[f"{PREFIX}{label}/RESENT/copy.dcm"] = objects[first_dicom]  # duplicate pixels, another key
-    objects[f"{PREFIX}{label}/BROKEN/truncated.dcm"] = objects[first_dicom][:-300]
-    objects[f"{PREFIX}{label}/BROKEN/notes.txt"] = b"not an image, a note" * 20
+    objects[f"{prefix}{label}/RESENT/copy.dcm"] = objects[first_dicom]  # duplicate pixels, another key
+    objects[f"{prefix}{label}/BROKEN/truncated.dcm"] = objects[first_dicom][:-300]
+    objects[f"{prefix}{label}/BROKEN/notes.txt"] = b"not an image, a note" * 20
     return objects
 
 
@@ -112,6 +119,31 @@ def assert_recovered(figures: dict[str, Any]) -> None:
     assert not any(problems.values()), json.dumps(figures, indent=1, default=str)
 
 
+def in_background(action: Callable[[], dict]) -> tuple[threading.Thread, dict]:
+    """The faulted run in a thread; its figures land in the dict (see :func:`first_run`)."""
+    out: dict[str, Any] = {}
+    thread = threading.Thread(target=lambda: out.update(first_run(action)), daemon=True)
+    thread.start()
+    return thread, out
+
+
+def wait_for(condition: Callable[[], bool], timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "the run never got there"
+        time.sleep(0.02)
+
+
+def child_settings(settings: Settings) -> str:
+    """``settings`` as the JSON a child process builds its own from (``get_settings(**json)``)."""
+    values = {}
+    for name, value in settings.model_dump().items():
+        if value is not None:
+            value = value.get_secret_value() if hasattr(value, "get_secret_value") else value
+            values[name] = str(value) if isinstance(value, Path) else value
+    return json.dumps(values)
+
+
 def first_run(action: Any) -> dict[str, Any]:
     """Run the faulted run; its outcome as figures (it may fail: what matters is the rerun)."""
     try:
@@ -120,3 +152,84 @@ def first_run(action: Any) -> dict[str, Any]:
         return {"first_run": f"failed: {type(exc).__name__}", "first_error": str(exc)[:300]}
     left = report.get("store_errors", 0) + report.get("decoder_errors", 0)
     return {"first_run": report["status"], "left_for_rerun": left}
+
+
+# --------------------------------------------------------------------------- scoring
+
+
+def foreign_tags(keys: list[str]) -> dict[str, dict[str, str]]:
+    """The hospital's own tags on some objects: two on three of them, 8 on one (room for 2 of mmpipe's)
+    and 10 on one (no room: failed, tag_limit, settled)."""
+    keys = sorted(keys)
+    counts = {keys[0]: 2, keys[5]: 2, keys[9]: 2, keys[13]: 8, keys[17]: 10}
+    return {key: {f"hospital-{i}": f"v{i}" for i in range(n)} for key, n in counts.items()}
+
+
+def fates(store: Store, catalog: Catalog, model_version: str) -> dict[str, tuple]:
+    """Each object's scoring outcome: (fate, reason, settled, modality, review reasons, its tags but
+    mmpipe-confidence): what a rerun must make equal to a clean run's."""
+    rows = catalog.query(
+        "SELECT source_key, fate, reason, settled, modality, review_reasons FROM scored_objects "
+        "WHERE model_version = :m",
+        m=model_version,
+    )
+    tags = {r["source_key"]: store.get_tags(r["source_key"]) for r in rows}
+    return {
+        r["source_key"]: (
+            *(r[c] for c in ("fate", "reason", "settled", "modality", "review_reasons")),
+            tuple(sorted((k, v) for k, v in tags[r["source_key"]].items() if k != "mmpipe-confidence")),
+        )
+        for r in rows
+    }
+
+
+def score_recovery(
+    store: Store, catalog: Catalog, model_version: str, reference: dict[str, tuple], foreign: dict
+) -> dict[str, Any]:
+    """The figures after the rerun: every listed object has one fate row (none for unlisted keys), no
+    duplicate prediction row, nothing left unsettled, no verdict a clean run would not give, each
+    object's tags a clean run's (mmpipe's from this one model, the sidecar's, the hospital's kept)."""
+    listed = {o.key for o in store.list(SCORE_PREFIX)}
+    mine = fates(store, catalog, model_version)
+    predictions = catalog.query("SELECT source_key, member_path, model_version FROM predictions")
+    members = Counter((p["source_key"], p["member_path"], p["model_version"]) for p in predictions)
+    differ = {k for k in listed if mine.get(k) != reference.get(k)}
+    inconsistent = 0
+    for key in listed:
+        tags = store.get_tags(key)
+        ours = {k: v for k, v in tags.items() if k.startswith(score.TAG_PREFIX)}
+        written = store.get_json(score.sidecar_key(model_version, key))["tags_written"] if ours else {}
+        hospital = {k: v for k, v in tags.items() if not k.startswith(score.TAG_PREFIX)}
+        inconsistent += ours != written or hospital != foreign.get(key, {})
+    return {
+        "listed": len(listed),
+        "fates": dict(Counter(v[0] for k, v in mine.items() if k in listed)),
+        "accounted": len(listed & set(mine)),
+        "fate_rows_not_listed": len(set(mine) - listed),
+        "duplicate_rows": sum(n - 1 for n in members.values()),
+        "stray_predictions": sum(1 for key, _, m in members if m != model_version or key not in listed),
+        "unsettled": sum(1 for k, v in mine.items() if not v[2]),
+        "fault_verdicts": sum(1 for k in differ if mine.get(k, ("",))[0] == score.UNREADABLE),
+        "differ_from_clean_run": sorted(differ),
+        "tags_inconsistent": inconsistent,
+        "same_as_clean_run": not differ,
+        "runs_left_running": catalog.scalar("SELECT count(*) FROM score_runs WHERE status = 'running'"),
+        "claims_left": catalog.scalar("SELECT count(*) FROM score_claims"),
+    }
+
+
+def assert_score_recovered(figures: dict[str, Any]) -> None:
+    """What every fault during scoring must leave after its rerun."""
+    problems = {
+        "accounting": figures["accounted"] != figures["listed"] or not figures["rerun_reconciled"],
+        "fate_rows_not_listed": figures["fate_rows_not_listed"],
+        "duplicate_rows": figures["duplicate_rows"],
+        "stray_predictions": figures["stray_predictions"],
+        "unsettled": figures["unsettled"],
+        "fault_verdicts": figures["fault_verdicts"],
+        "tags_inconsistent": figures["tags_inconsistent"],
+        "not_the_clean_run": not figures["same_as_clean_run"],
+        "runs_left_running": figures["runs_left_running"],
+        "claims_left": figures["claims_left"],
+    }
+    assert not any(problems.values()), json.dumps(figures, indent=1, default=str)

@@ -6,7 +6,6 @@ import pytest
 import sqlalchemy as sa
 
 from mmpipe import catalog as catalog_mod
-from mmpipe import promote
 from mmpipe.errors import CatalogError
 
 pytestmark = pytest.mark.integration
@@ -31,6 +30,9 @@ TABLES = {
     "predictions",
     "score_failures",
     "label_state",
+    "baseline_evaluations",
+    "alias_history",
+    "alias_locks",
 }
 
 
@@ -92,90 +94,3 @@ def test_upsert_updates_or_keeps(db) -> None:
     assert db.query("SELECT alias, model_version FROM model_aliases") == [
         {"alias": "champion", "model_version": "c"}
     ]
-
-
-def _seed_model(db, version: str, f1: float, snapshot: str = "test-v1") -> None:
-    db.upsert(
-        "training_runs",
-        [
-            {
-                "training_run_id": f"r.{version}",
-                "airflow_run_id": "r",
-                "candidate": version,
-                "backbone": "tinycnn",
-                "candidate_json": "{}",
-                "dataset_version": "d",
-                "status": "succeeded",
-            }
-        ],
-        ["training_run_id"],
-    )
-    db.upsert(
-        "models",
-        [
-            {
-                "model_version": version,
-                "training_run_id": f"r.{version}",
-                "backbone": "tinycnn",
-                "checkpoint_uri": "s3://b/c",
-                "card_uri": "s3://b/card",
-            }
-        ],
-        ["model_version"],
-    )
-    metrics = dict.fromkeys(("accuracy", "macro_precision", "macro_recall", "macro_specificity"), f1)
-    db.upsert(
-        "evaluations",
-        [
-            {
-                "model_version": version,
-                "test_snapshot": snapshot,
-                "n_images": 10,
-                **metrics,
-                "macro_f1": f1,
-                "macro_auc": 0.9,
-                "ece": 0.1,
-                "per_class_json": "{}",
-                "confusion_json": "[]",
-            }
-        ],
-        ["model_version", "test_snapshot"],
-    )
-
-
-def test_promotion_gate_and_leaderboard(db) -> None:
-    catalog_mod.upgrade(db)
-    _seed_model(db, "m1", 0.70)
-    first = promote.promote_best(db, ["m1"], "test-v1", "run-1", min_gain=0.0)
-    assert first["decision"] == "promoted" and promote.champion(db) == "m1"
-    _seed_model(db, "m2", 0.69)
-    _seed_model(db, "m3", 0.695)
-    second = promote.promote_best(db, ["m2", "m3"], "test-v1", "run-2", min_gain=0.0)
-    assert second["decision"] == "kept_champion" and second["challenger"] == "m3"
-    assert promote.champion(db) == "m1"
-    _seed_model(db, "m4", 0.80)
-    third = promote.promote_best(db, ["m4"], "test-v1", "run-3", min_gain=0.05)
-    assert third["decision"] == "promoted" and promote.champion(db) == "m4"
-    # A retried task returns the recorded decision instead of deciding again.
-    assert promote.promote_best(db, ["m4"], "test-v1", "run-3", min_gain=0.05)["decision"] == "promoted"
-    board = {r["model_version"]: r for r in db.query("SELECT * FROM leaderboard")}
-    assert board["m4"]["is_champion"] == 1 and board["m1"]["is_champion"] == 0
-    assert board["m1"]["promoted"] == 1 and board["m2"]["promoted"] == 0
-
-
-def test_promotion_is_one_transaction(db, monkeypatch) -> None:
-    """If writing the alias fails, the promotion row is rolled back with it."""
-    catalog_mod.upgrade(db)
-    _seed_model(db, "m1", 0.7)
-    real = db.upsert
-
-    def failing(table, rows, keys, conn=None, update=True):
-        if table == "model_aliases":
-            raise RuntimeError("crash between the two writes")
-        return real(table, rows, keys, conn, update)
-
-    monkeypatch.setattr(db, "upsert", failing)
-    with pytest.raises(RuntimeError):
-        promote.promote_best(db, ["m1"], "test-v1", "run-1", min_gain=0.0)
-    assert db.scalar("SELECT count(*) FROM promotions") == 0
-    assert promote.champion(db) is None

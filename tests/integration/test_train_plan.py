@@ -16,7 +16,7 @@ from mmpipe.train import Candidate, train_candidate
 
 pytestmark = pytest.mark.integration
 
-TINY = {"backbone": "tinycnn", "image_size": 32, "epochs": 2, "batch_size": 32}
+TINY = {"backbone": "tinycnn", "init": "random", "image_size": 32, "epochs": 2, "batch_size": 32}
 
 
 @pytest.fixture
@@ -104,8 +104,7 @@ def test_freezing_a_new_snapshot_re_evaluates_the_champion_on_the_record(planned
     assert evaluate.evaluate_champion(settings, store, catalog, "test-v1", reason="no champion") is None
     trained = train(planned, "manual__champ", epochs=1)
     evaluate.evaluate_model(settings, store, catalog, trained["model_version"], "test-v1")
-    decision = promote.promote_best(catalog, [trained["model_version"]], "test-v1", "manual__champ", 0.0)
-    assert decision["decision"] == "promoted"
+    promote.force(catalog, trained["model_version"], "manual__champ", "a champion to re-evaluate")
 
     add_batch(settings, store, catalog, "ingest__b", 80, seed=2)
     frozen = dataset.freeze_test(settings, store, catalog, "test-v2", reason="more test patients")

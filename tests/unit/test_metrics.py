@@ -1,4 +1,4 @@
-"""Evaluation metrics against hand-computed values; the promotion gate; score tags."""
+"""Evaluation metrics against hand-computed values."""
 
 from __future__ import annotations
 
@@ -7,8 +7,6 @@ import pytest
 
 from mmpipe.calibration import expected_calibration_error
 from mmpipe.evaluate import compute_metrics
-from mmpipe.promote import decide
-from mmpipe.score import summarise
 
 CLASSES = ("a", "b", "c")
 
@@ -52,24 +50,3 @@ def test_ece_zero_when_confidence_equals_accuracy() -> None:
     assert table == [(0.75, 0.75, 4)]
     overconfident, _ = expected_calibration_error(np.array([[0.95, 0.05]] * 4), np.array([0, 1, 1, 1]))
     assert overconfident == pytest.approx(0.7)
-
-
-def test_gate() -> None:
-    assert decide(0.5, None, 0.0) == (True, "no champion yet")
-    assert decide(0.81, 0.80, 0.0)[0] is True
-    assert decide(0.80, 0.80, 0.0)[0] is False
-    assert decide(0.84, 0.80, 0.05)[0] is False
-
-
-def test_tags_summarise_an_archive_and_flag_doubt() -> None:
-    sure = np.array([[0.9, 0.05, 0.05], [0.8, 0.1, 0.1]])
-    tags = summarise(sure, CLASSES, threshold=0.6)
-    assert tags == {
-        "mmpipe-modality": "a",
-        "mmpipe-confidence": "0.850",
-        "mmpipe-images": "2",
-        "mmpipe-review": "no",
-    }
-    mixed = np.array([[0.9, 0.05, 0.05], [0.1, 0.85, 0.05], [0.7, 0.2, 0.1]])
-    assert summarise(mixed, CLASSES, 0.6)["mmpipe-review"] == "yes"  # members disagree
-    assert summarise(np.array([[0.5, 0.3, 0.2]]), CLASSES, 0.6)["mmpipe-review"] == "yes"  # low confidence
