@@ -137,7 +137,14 @@ def cmd_synth(args: argparse.Namespace) -> None:
     store.check()
     prefix = args.prefix.rstrip("/") + "/"
     labelled = prefix.startswith("training/")
-    objects = generate(args.images, size=args.size, seed=args.seed, archive_fraction=args.archive_fraction)
+    objects = generate(
+        args.images,
+        size=args.size,
+        seed=args.seed,
+        archive_fraction=args.archive_fraction,
+        difficulty=args.difficulty,
+        header_faults=args.header_faults,
+    )
 
     def put(obj: Any) -> str:
         # incoming/ mimics a hospital drop: no class folder, the label is what scoring must find.
@@ -347,7 +354,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
 def cmd_demo(args: argparse.Namespace) -> None:
     from mmpipe.demo import run_demo
 
-    run_demo(profile=args.profile)
+    run_demo(profile=args.profile, difficulty=args.difficulty)
 
 
 def cmd_dataset_lineage(args: argparse.Namespace) -> None:
@@ -408,6 +415,15 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--seed", type=int, default=0)
     synth.add_argument("--prefix", default="training/")
     synth.add_argument("--archive-fraction", type=float, default=0.1)
+    synth.add_argument(
+        "--difficulty", choices=("realistic", "hard"), default="realistic", help="see mmpipe.synth.generate"
+    )
+    synth.add_argument(
+        "--header-faults",
+        type=float,
+        default=0.0,
+        help="share of DICOM patients whose Modality/BodyPartExamined are missing or wrong",
+    )
     synth.set_defaults(fn=cmd_synth)
 
     ing = sub.add_parser("ingest", help="ingest new objects under a prefix")
@@ -540,6 +556,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="the whole nightly loop on synthetic studies")
     demo.add_argument("--profile", choices=("demo", "full"), default="demo")
+    demo.add_argument(
+        "--difficulty", choices=("realistic", "hard"), default=None, help="synthetic studies (default: hard)"
+    )
     demo.set_defaults(fn=cmd_demo)
     return parser
 

@@ -496,10 +496,10 @@ class _Scanner:
 
 def _draw_scanner(rng: np.random.Generator) -> _Scanner:
     return _Scanner(
-        zoom=float(np.exp(rng.uniform(np.log(0.7), np.log(1.5)))),
-        angle=float(rng.uniform(-np.pi / 6, np.pi / 6)),
-        centre=(float(rng.uniform(-0.2, 0.2)), float(rng.uniform(-0.2, 0.2))),
-        crop=(float(rng.uniform(0.7, 1.0)), float(rng.uniform(0.7, 1.0))),
+        zoom=float(np.exp(rng.uniform(np.log(0.75), np.log(1.35)))),
+        angle=float(rng.uniform(-np.pi / 8, np.pi / 8)),
+        centre=(float(rng.uniform(-0.15, 0.15)), float(rng.uniform(-0.15, 0.15))),
+        crop=(float(rng.uniform(0.75, 1.0)), float(rng.uniform(0.75, 1.0))),
         blur=float(rng.uniform(0.3, 1.2)),
         gamma=float(np.exp(rng.uniform(np.log(0.5), np.log(2.0)))),
         bias=float(rng.uniform(0.1, 0.5)),
