@@ -129,13 +129,11 @@ def score_list(
     force: bool = False,
 ) -> list[str]:
     """Record the run's listing and write one manifest per mapped task of objects to score."""
-    settings, store, catalog = connect()
+    _, store, catalog = connect()
     version, card_uri = score.resolve_model(catalog, model_version)
     window = {"modified_from": modified_from, "modified_to": modified_to}
     listing = score.list_unscored(store, catalog, prefix, version, force=force, **window)
     score.open_run(catalog, run_id, version, prefix, listing, force=force, **window)
-    if listing.todo:  # once per model, before the batches that use it
-        score.fit_feature_check(store, score.Scorer.load(settings, store, version, card_uri))
     slug = ingest.run_slug(run_id)
     return [
         store.put_json(

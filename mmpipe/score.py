@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from mmpipe import decoding, gradcam, ingest, modelcard, models, openset, tagging
+from mmpipe import decoding, gradcam, modelcard, openset, tagging
 from mmpipe.catalog import Catalog
 from mmpipe.config import Settings
 from mmpipe.decoding import PROCESS_CHUNK, DecodeContext, Fetcher, Outcome
@@ -307,7 +307,11 @@ class Scorer:
     features: openset.FeatureStats | None = None  # the feature check, once fitted for this model
 
     @classmethod
-    def load(cls, settings: Settings, store: Store, model_version: str, card_uri: str) -> Scorer:
+    def load(
+        cls, settings: Settings, store: Store, model_version: str, card_uri: str, fit: bool = True
+    ) -> Scorer:
+        """The model, with its feature check (fitted and kept first if ``fit`` and it is missing: the
+        first tasks scoring with a new model fit it, each the same, later ones read it)."""
         torch.set_num_threads(torch_threads(settings))
         device = modelcard.resolve_device(settings.device)
         model, card = modelcard.load(store, card_uri, device)  # channels_last, eval
@@ -317,12 +321,16 @@ class Scorer:
         if store.head(key) is not None:
             with np.load(io.BytesIO(store.get(key))) as arrays:
                 scorer.features = openset.FeatureStats.from_npz(arrays)
+        elif fit:
+            fit_feature_check(store, scorer)
         return scorer
 
     def forward(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(logits (N, C), penultimate features (N, D): what the classifier head receives)."""
+        from mmpipe.models import _classifier
+
         captured: list[np.ndarray] = []
-        _, head = models._classifier(self.model)
+        _, head = _classifier(self.model)
         hook = head.register_forward_pre_hook(
             lambda _m, inputs: captured.append(inputs[0].float().flatten(1).cpu().numpy())
         )
@@ -352,12 +360,14 @@ def fit_feature_check(store: Store, scorer: Scorer) -> bool:
 
     False when the plan's images cannot be read: scoring then relies on the energy check alone.
     """
+    from mmpipe.ingest import load_pixels
+
     if scorer.features is not None:
         return True
     try:
         plan = store.get_json(store.key_of(scorer.card.plan_uri))
         entries = {e["image_id"]: e for e in plan["train"] + plan["val"]}
-        pixels = ingest.load_pixels(store, list(entries.values()))
+        pixels = load_pixels(store, list(entries.values()))
     except (MmpipeError, KeyError, ValueError) as exc:
         log.warning(
             "no feature check for %s: its plan's images cannot be read (%s)", scorer.model_version, exc
@@ -760,7 +770,7 @@ def score_objects(
 
     ``local``: the objects are files there; nothing is written to the store or the catalog (the
     sidecars stay in the returned ``documents``)."""
-    scorer = Scorer.load(settings, store, model_version, card_uri)
+    scorer = Scorer.load(settings, store, model_version, card_uri, fit=local is None)
     results = Results(None if local else catalog, scorer, run_id, on_object)
     if not objects:
         return results.summary(0)
@@ -830,8 +840,6 @@ def run(
     window = {"modified_from": modified_from, "modified_to": modified_to}
     listing = list_unscored(store, catalog, prefix, version, force=force, **window)
     open_run(catalog, run_id, version, prefix, listing, force=force, **window)
-    if listing.todo:
-        fit_feature_check(store, Scorer.load(settings, store, version, card_uri))
     with progress(desc="score", total=len(listing.todo), unit="obj") as bar:
         score_objects(
             settings, store, catalog, listing.todo, version, card_uri, run_id, lambda _: bar.update(1)
