@@ -78,6 +78,10 @@ def settled(catalog) -> int:
     return catalog.scalar("SELECT count(*) FROM scored_objects WHERE settled = TRUE")
 
 
+def sidecars(store) -> list:
+    return store.list(f"{score.RESULTS_PREFIX}{MODEL}/")
+
+
 def rows(catalog) -> int:
     return catalog.scalar("SELECT count(*) FROM scored_objects")
 
@@ -90,7 +94,7 @@ def reconciled(summary: dict) -> bool:
 def rescore_and_check(fault: str, figures: dict, setup: tuple, reference: dict, record_score) -> dict:
     """The next run, fault over: it must score exactly what the faulted one left, as a clean run does."""
     settings, store, catalog, foreign = setup
-    figures.setdefault("left_for_rerun", len(store.list(SCORE_PREFIX)) - settled(catalog))
+    figures["left_for_rerun"] = len(store.list(SCORE_PREFIX)) - settled(catalog)
     rerun = score.run(settings, store, catalog, "rerun")
     figures |= {"rerun_scored": rerun["listed"] - rerun["skipped"], "rerun_reconciled": reconciled(rerun)}
     figures |= score_recovery(store, catalog, MODEL, reference, foreign)
@@ -112,7 +116,7 @@ def test_store_stopped_and_restarted_mid_scoring(scoring, own_store, score_refer
     with fault_proxy(server.endpoint, faults) as proxy:
         flaky = settings.model_copy(update={"s3_endpoint_url": proxy.url})
         thread, out = in_background(night(flaky, open_store(flaky), catalog))
-        wait_for(lambda: len(store.list(f"{score.RESULTS_PREFIX}{MODEL}/")) >= 8)
+        wait_for(lambda: len(sidecars(store)) >= 8)
         embedded.stop(server)
         time.sleep(3)
         own_store["handle"] = embedded.start(server.data_dir, server.s3_port)
@@ -178,22 +182,26 @@ def test_catalog_connection_terminated_mid_scoring(
 
 @pytest.mark.parametrize("seed", [1, 2])
 def test_score_sigkilled_at_a_seeded_point(scoring, incoming, score_reference, record_score, seed) -> None:
-    """The CLI's process killed mid-run; seed 2's run is then found abandoned by the sweep, seed 1's
-    by the next run."""
+    """The CLI's process killed after a seeded number of objects written (sidecar and tags; their
+    catalog rows follow in bursts); seed 2's run is then found abandoned by the sweep, seed 1's by
+    the next run."""
     setup = scoring()
     settings, store, catalog, _ = setup
     rng = random.Random(seed)
-    at, delay = rng.randrange(FLUSH, len(incoming) - FLUSH), rng.uniform(0, 0.3)
-    child = start_child(settings, "night")
-    wait_for(lambda: child.poll() is not None or rows(catalog) >= at)
-    time.sleep(delay)
-    child.send_signal(signal.SIGKILL)
-    child.wait()
+    at, delay = rng.randrange(4, len(incoming) - 4), rng.uniform(0, 0.2)
+    faults = Faults({"slow": 1.0}, slow_seconds=0.03)  # a run slow enough to be killed mid-way
+    with fault_proxy(settings.s3_endpoint_url, faults) as proxy:
+        child = start_child(settings.model_copy(update={"s3_endpoint_url": proxy.url}), "night")
+        wait_for(lambda: child.poll() is not None or len(sidecars(store)) >= at)
+        time.sleep(delay)
+        child.send_signal(signal.SIGKILL)
+        child.wait()
     was = catalog.scalar("SELECT status FROM score_runs WHERE run_id = 'night'")
-    figures = {"first_run": f"SIGKILL ({was})", "injected": f"after {rows(catalog)} objects"}
-    if seed == 2:
+    done = f"{len(sidecars(store))} written, {rows(catalog)} recorded"
+    figures = {"first_run": f"SIGKILL ({was})", "injected": done}
+    if seed == 2 and was == "running":
         ingest.sweep_orphans(settings, store, catalog)
-        assert catalog.scalar("SELECT count(*) FROM score_claims") == 0
+        assert catalog.scalar("SELECT status FROM score_runs WHERE run_id = 'night'") == "abandoned"
     rescore_and_check(f"score SIGKILLed (seed {seed})", figures, setup, score_reference, record_score)
     if was == "running":
         assert catalog.scalar("SELECT status FROM score_runs WHERE run_id = 'night'") == "abandoned"
