@@ -254,10 +254,25 @@ def cmd_promote(args: argparse.Namespace) -> None:
 def cmd_score(args: argparse.Namespace) -> None:
     from mmpipe import pipeline
 
-    results = [
-        pipeline.score_batch(args.run_id, uri) for uri in pipeline.score_list(args.run_id, args.prefix)
-    ]
-    _print({"batches": len(results), "tagged": sum(r["tagged"] for r in results)})
+    target = args.target or args.prefix
+    if not target.startswith("s3://") and Path(target).exists():
+        out = Path(args.out or "mmpipe-scores.csv")
+        summary = pipeline.score_local(Path(target), out, args.model_version)
+        title = f"scored {target} (nothing written to the store)"
+    else:
+        window = {"modified_from": args.modified_from, "modified_to": args.modified_to}
+        summary = pipeline.score_all(args.run_id, target, args.model_version, force=args.force, **window)
+        title = f"scoring run {args.run_id}"
+    tables.show(summary, args.json, lambda s: format_fates(s, title))
+
+
+def format_fates(summary: dict[str, Any], title: str) -> str:
+    """The run's fates as a table (listed = the sum of the others), then its other fields."""
+    fates = ("tagged", "unreadable", "unknown", "skipped", "failed", "not_reached")
+    rows = [{"fate": f, "objects": summary[f]} for f in fates if f in summary]
+    rows.append({"fate": "listed", "objects": summary["listed"]})
+    rest = {k: v for k, v in summary.items() if k not in fates and k != "listed"}
+    return tables.fields(rest, title) + "\n\n" + tables.table(rows, title="fates")
 
 
 def cmd_weights(args: argparse.Namespace) -> None:
@@ -418,7 +433,18 @@ def build_parser() -> argparse.ArgumentParser:
     pr.set_defaults(fn=cmd_promote)
 
     sc = sub.add_parser("score", help="score incoming objects with the champion and tag them")
-    sc.add_argument("--prefix", default="incoming/")
+    sc.add_argument(
+        "target",
+        nargs="?",
+        help="a store prefix (default incoming/), an s3:// URI, or a local file or folder (writes --out, "
+        "changes nothing in the store)",
+    )
+    sc.add_argument("--prefix", default="incoming/", help="store prefix when no TARGET is given")
+    sc.add_argument("--model-version", default="", help="model to score with (default: the champion)")
+    sc.add_argument("--modified-from", default="", help="only objects modified at or after (ISO time)")
+    sc.add_argument("--modified-to", default="", help="only objects modified before (ISO time)")
+    sc.add_argument("--force", action="store_true", help="rescore objects this model already scored")
+    sc.add_argument("--out", help="local TARGET: results file, .csv (default mmpipe-scores.csv) or .json")
     sc.add_argument("--run-id", default=CLI_RUN_ID)
     sc.set_defaults(fn=cmd_score)
 

@@ -355,14 +355,17 @@ class Fetcher:
     the module doc.
     """
 
-    def __init__(self, settings: Settings, store: Store, context: DecodeContext, objects: int):
+    def __init__(
+        self, settings: Settings, store: Store, context: DecodeContext, objects: int, local: bool = False
+    ):
+        """``local``: ``store`` reads local files (anything with ``fetch(key)``), shared with the processes."""
         processes = decode_processes(settings)
         self.processes = min(processes, max(objects, 1))
         self.store, self.context = store, context
         self.timeout = settings.decode_timeout_seconds  # enforced in decode processes only
         if processes > 1:
             # built here, used only by the decode processes: none shares a connection (_worker_start)
-            self.worker_store = Store(settings)
+            self.worker_store = store if local else Store(settings)
             self.pool = self._process_pool()
         else:
             self.pool = ThreadPoolExecutor(settings.ingest_workers)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 from mmpipe import dataset, evaluate, ingest, promote, score
@@ -150,6 +151,19 @@ def score_batch(run_id: str, batch_uri: str) -> dict[str, Any]:
     return score.score_objects(
         settings, store, catalog, objects, batch["model_version"], batch["card_uri"], run_id
     )
+
+
+def score_all(run_id: str, target: str, model_version: str = "", **options: Any) -> dict[str, Any]:
+    """A whole scoring run in this process (the CLI): ``target`` is a prefix or an s3:// URI."""
+    settings, store, catalog = connect()
+    store.check()
+    prefix = store.key_of(target) if target.startswith("s3://") else target
+    return score.run(settings, store, catalog, run_id, prefix, model_version=model_version, **options)
+
+
+def score_local(path: Path, out: Path, model_version: str = "") -> dict[str, Any]:
+    """Score local files into ``out``; nothing is written to the store or the catalog."""
+    return score.run_local(*connect(), path, out, model_version)
 
 
 def score_finish(run_id: str) -> dict[str, Any]:

@@ -31,6 +31,7 @@ from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from itertools import islice
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -38,7 +39,7 @@ import sqlalchemy as sa
 import torch
 from sqlalchemy.engine import Connection
 
-from mmpipe import decoding, modelcard, openset, tagging
+from mmpipe import decoding, gradcam, modelcard, openset, tagging
 from mmpipe.catalog import Catalog, select_in
 from mmpipe.config import Settings
 from mmpipe.decoding import PROCESS_CHUNK, DecodeContext, Fetcher, Outcome
@@ -392,6 +393,7 @@ class Verdict:
     assessment: openset.Assessment | None = None
     members: list[str] = field(default_factory=list)  # member path of each image
     failures: list[dict[str, str]] = field(default_factory=list)  # members that could not be used
+    overlays: dict[int, bytes] = field(default_factory=dict)  # image index -> Grad-CAM overlay PNG
 
     def tags(self, model_version: str) -> dict[str, str]:
         """mmpipe's tags for this object, most essential first (see :mod:`mmpipe.tagging`)."""
@@ -443,8 +445,18 @@ def sidecar_key(model_version: str, source_key: str) -> str:
     return f"{RESULTS_PREFIX}{model_version}/{source_key}.json"
 
 
-def sidecar(verdict: Verdict, card: modelcard.ModelCard, plan: tagging.TagPlan | None) -> dict[str, Any]:
-    """The object's evidence for a reviewer: every image's probabilities, the reasons, all tags."""
+def overlay_key(model_version: str, source_key: str, image: int) -> str:
+    return f"{RESULTS_PREFIX}{model_version}/{source_key}.gradcam/{image:04d}.png"
+
+
+def sidecar(
+    verdict: Verdict,
+    card: modelcard.ModelCard,
+    plan: tagging.TagPlan | None,
+    overlays: dict[int, str] | None = None,
+) -> dict[str, Any]:
+    """The object's evidence for a reviewer: every image's probabilities, the reasons, all tags, and
+    the Grad-CAM overlay of each flagged image (``overlays``: image index -> URI)."""
     a = verdict.assessment
     images = []
     if a is not None:
@@ -457,6 +469,7 @@ def sidecar(verdict: Verdict, card: modelcard.ModelCard, plan: tagging.TagPlan |
                     },
                     "energy": round(float(a.energies[n]), 4),
                     "out_of_distribution": bool(a.ood[n]),
+                    "gradcam": (overlays or {}).get(n),
                 }
             )
     return {
@@ -491,7 +504,11 @@ def write_object(store: Store, card: modelcard.ModelCard, verdict: Verdict) -> W
         plan = tagging.plan_tags(store.get_tags(verdict.obj.key), ours)
         if not plan.fits:
             verdict.fate, verdict.reason = FAILED, TAG_LIMIT
-        doc = sidecar(verdict, card, plan)
+        overlays = {
+            n: store.put(overlay_key(card.model_version, verdict.obj.key, n), png, "image/png")
+            for n, png in verdict.overlays.items()
+        }
+        doc = sidecar(verdict, card, plan, overlays)
         uri = store.put_json(sidecar_key(card.model_version, verdict.obj.key), doc)
         if plan.fits:
             store.set_tags(verdict.obj.key, plan.tags)
@@ -528,9 +545,11 @@ class Writer:
     threads; threads of this process where fork is unavailable. Started before any decode process
     or inference thread exists, so nothing is held locked in them."""
 
-    def __init__(self, settings: Settings, store: Store, card: modelcard.ModelCard):
-        self.card, self.store = card, store
-        if decoding.decode_processes(settings) > 1:
+    def __init__(self, settings: Settings, store: Store, card: modelcard.ModelCard, dry: bool = False):
+        self.card, self.store, self.dry = card, store, dry
+        if dry:  # a local run: nothing is written anywhere
+            self.pool = None
+        elif decoding.decode_processes(settings) > 1:
             self.pool: Any = ProcessPoolExecutor(
                 WRITE_PROCESSES,
                 mp_context=multiprocessing.get_context("fork"),
@@ -542,6 +561,10 @@ class Writer:
             self.pool = ThreadPoolExecutor(WRITE_THREADS)
 
     def submit(self, verdicts: list[Verdict]) -> Future[list[Written]]:
+        if self.pool is None:
+            done: Future[list[Written]] = Future()
+            done.set_result([(v, None, None) for v in verdicts])
+            return done
         if isinstance(self.pool, ThreadPoolExecutor):
             return self.pool.submit(lambda: [write_object(self.store, self.card, v) for v in verdicts])
         return self.pool.submit(_write_many, self.card, verdicts)
@@ -550,7 +573,8 @@ class Writer:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.pool.shutdown(cancel_futures=True)
+        if self.pool is not None:
+            self.pool.shutdown(cancel_futures=True)
 
 
 def catalog_rows(
@@ -588,6 +612,36 @@ def catalog_rows(
     return scored, predictions, failures
 
 
+# --------------------------------------------------------------------------- local files
+
+
+class LocalFiles:
+    """Files under a local folder as decode processes read objects: ``fetch(key)``, ``list()``."""
+
+    def __init__(self, root: Path):
+        self.root = root
+
+    def list(self) -> list[ObjectInfo]:
+        files = [self.root] if self.root.is_file() else sorted(p for p in self.root.rglob("*") if p.is_file())
+        base = self.root.parent if self.root.is_file() else self.root
+        return [
+            ObjectInfo(
+                p.relative_to(base).as_posix(),
+                "",
+                p.stat().st_size,
+                datetime.fromtimestamp(p.stat().st_mtime, UTC).isoformat(),
+            )
+            for p in files
+        ]
+
+    def fetch(self, key: str) -> bytes:
+        base = self.root.parent if self.root.is_file() else self.root
+        try:
+            return (base / key).read_bytes()
+        except FileNotFoundError:
+            raise NotFound(f"{key} was deleted after it was listed") from None
+
+
 # --------------------------------------------------------------------------- the pipeline
 
 
@@ -598,6 +652,7 @@ class Results:
         self, catalog: Catalog | None, scorer: Scorer, run_id: str, on_object: Callable[[dict], None] | None
     ):
         self.catalog, self.scorer, self.run_id, self.on_object = catalog, scorer, run_id, on_object
+        self.documents: list[dict[str, Any]] = []  # sidecars of a local run (nothing is written)
         self.scored: list[dict] = []
         self.predictions: list[dict] = []
         self.failures: list[dict] = []
@@ -615,6 +670,7 @@ class Results:
         if self.on_object is not None:
             self.on_object(scored)
         if self.catalog is None:
+            self.documents.append(sidecar(verdict, self.scorer.card, plan))
             return
         self.scored.append(scored)
         self.predictions += predictions
@@ -638,6 +694,23 @@ class Results:
 
     def summary(self, objects: int) -> dict[str, Any]:
         return {"objects": objects, **self.counts, "images": self.images, "review": self.review}
+
+
+def explain(scorer: Scorer, verdicts: Sequence[Verdict], outcomes: Sequence[Outcome]) -> None:
+    """Grad-CAM overlays for the images of review-flagged objects (CNN champions only)."""
+    wanted = [
+        (v, n, px)
+        for v, o in zip(verdicts, outcomes, strict=True)
+        if v.assessment is not None and v.assessment.review
+        for n, (_, px) in enumerate(o.images)
+    ]
+    if not wanted or gradcam.last_conv(scorer.model) is None:
+        return
+    pixels = np.stack([px for _, _, px in wanted])
+    classes = np.array([v.assessment.probs[n].argmax() for v, n, _ in wanted])
+    maps = gradcam.heatmaps(scorer.model, scorer.card, pixels, classes)
+    for (verdict, n, px), heat in zip(wanted, maps, strict=True):
+        verdict.overlays[n] = gradcam.overlay_png(px, heat)
 
 
 def decoded(fetcher: Fetcher, objects: Sequence[ObjectInfo], window: int) -> Iterator[Outcome]:
@@ -665,16 +738,21 @@ def score_objects(
     card_uri: str,
     run_id: str,
     on_object: Callable[[dict], None] | None = None,
+    local: LocalFiles | None = None,
 ) -> dict[str, Any]:
     """Score ``objects``: decode ahead in ingest's decode processes, infer in batches of INFER_BATCH
-    images, write sidecars and tags in threads, record a fate for every object."""
+    images, write sidecars and tags behind (:class:`Writer`), record a fate for every object.
+
+    ``local``: the objects are files there; nothing is written to the store or the catalog (the
+    sidecars stay in the returned ``documents``)."""
     scorer = Scorer.load(settings, store, model_version, card_uri)
-    results = Results(catalog, scorer, run_id, on_object)
+    results = Results(None if local else catalog, scorer, run_id, on_object)
     if not objects:
         return results.summary(0)
+    context = decode_context(settings, scorer.card)
     with (
-        Writer(settings, store, scorer.card) as writer,
-        Fetcher(settings, store, decode_context(settings, scorer.card), len(objects)) as fetcher,
+        Writer(settings, store, scorer.card, dry=local is not None) as writer,
+        Fetcher(settings, local or store, context, len(objects), local=local is not None) as fetcher,
     ):
         window = 2 * max(fetcher.processes, 1)
         writes: deque[Future[list[Written]]] = deque()
@@ -689,6 +767,8 @@ def score_objects(
                 mine = logits[start : start + len(outcome.images)]
                 start += len(outcome.images)
                 verdicts.append(verdict_of(outcome, mine, scorer, settings.low_confidence))
+            if not writer.dry:
+                explain(scorer, verdicts, ready)
             half = max(1, -(-len(verdicts) // WRITE_PROCESSES))  # one share per writer process
             writes.extend(writer.submit(verdicts[i : i + half]) for i in range(0, len(verdicts), half))
             ready.clear()
@@ -707,7 +787,7 @@ def score_objects(
             for written in writes.popleft().result():
                 results.add(written)
     results.flush()
-    summary = results.summary(len(objects))
+    summary = results.summary(len(objects)) | ({"documents": results.documents} if local else {})
     log.info(
         "scored %d objects: %s",
         len(objects),
@@ -747,3 +827,42 @@ def run(
             log.warning("scoring run %s not reconciled: %s", run_id, exc)
         raise
     return finish_run(catalog, run_id)
+
+
+def run_local(
+    settings: Settings, store: Store, catalog: Catalog, path: Path, out: Path, model_version: str = ""
+) -> dict[str, Any]:
+    """Score local files (a file or a folder) and write ``out`` (.csv: one row per file; .json: the
+    sidecars); the store and the catalog are only read (the model)."""
+    import csv
+    import json
+
+    files = LocalFiles(path)
+    objects = files.list()
+    version, card_uri = resolve_model(catalog, model_version)
+    rows: list[dict[str, Any]] = []
+    with progress(desc="score", total=len(objects), unit="file") as bar:
+
+        def record(row: dict[str, Any]) -> None:
+            rows.append(row)
+            bar.update(1)
+
+        summary = score_objects(settings, store, None, objects, version, card_uri, "local", record, files)
+    documents = summary.pop("documents", [])
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.suffix == ".json":
+        out.write_text(json.dumps(documents, indent=2, default=str))
+    else:
+        columns = ["source_key", "fate", "reason", "modality", "confidence", "review_reasons", "images"]
+        with out.open("w", newline="") as handle:
+            writer = csv.DictWriter(handle, columns, extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(rows)
+    counts = {fate: summary.get(fate, 0) for fate in (TAGGED, UNREADABLE, UNKNOWN, FAILED)}
+    return {
+        "model_version": version,
+        "listed": len(objects),
+        **counts,
+        "review": summary["review"],
+        "out": str(out),
+    }

@@ -15,6 +15,7 @@ from mmpipe import decoding, modelcard, score
 from mmpipe.config import CLASSES
 from mmpipe.imaging import decode_image as real_decode_image
 from mmpipe.models import create_model, get_spec
+from mmpipe.store import ObjectInfo
 from mmpipe.synth import generate
 from tests.dicom_factory import dicom_bytes
 
@@ -78,6 +79,11 @@ def test_tag_budget_keeps_foreign_tags_and_writes_essentials_first(champion) -> 
         sidecar = store.get_json(score.sidecar_key("tiny-1", key))
         assert sidecar["modality"] in CLASSES  # the result is kept even where no tag fits
         assert mine(tags) == sidecar["tags_written"]
+        if sidecar["review_reasons"]:  # a flagged image of a CNN: its Grad-CAM overlay, linked
+            png = store.get(store.key_of(sidecar["images"][0]["gradcam"]))
+            assert png.startswith(b"\x89PNG\r\n\x1a\n")
+        else:
+            assert sidecar["images"][0]["gradcam"] is None
         ours = mine(tags)
         if n <= 5:  # room for 10 - n tags; the old champion's tag is replaced, not kept
             assert ours["mmpipe-modality"] in CLASSES and ours["mmpipe-model"] == "tiny-1"
@@ -166,3 +172,45 @@ def test_a_poison_object_costs_only_itself(champion, monkeypatch) -> None:
     assert store.get_tags("incoming/P9/poison.dcm") == {
         "mmpipe-status": "unreadable", "mmpipe-reason": "corrupt", "mmpipe-model": "tiny-1",
     }  # fmt: skip
+
+
+def test_a_new_champion_rescores_and_replaces_only_its_own_tags(champion) -> None:
+    settings, store, catalog = champion
+    store.put("incoming/a.dcm", dicom_bytes(1, Modality="CT"))
+    store.set_tags("incoming/a.dcm", {"ward": "icu"})
+    score.run(settings, store, catalog, "s1")
+    register(store, catalog, "tiny-2")
+
+    summary = score.run(settings, store, catalog, "s2")
+
+    assert (summary["model_version"], summary["tagged"], summary["skipped"]) == ("tiny-2", 1, 0)
+    tags = store.get_tags("incoming/a.dcm")
+    assert tags["ward"] == "icu" and tags["mmpipe-model"] == "tiny-2"
+    old = score.run(settings, store, catalog, "s3", model_version="tiny-1")  # a chosen model: already done
+    assert (old["model_version"], old["skipped"]) == ("tiny-1", 1)
+
+
+def test_watermark_spares_the_catalog_and_waits_for_unsettled_objects(champion) -> None:
+    settings, store, catalog = champion
+    old, new = "2026-01-01T00:00:00.000Z", "2026-06-01T00:00:00.000Z"
+    listed = [ObjectInfo("incoming/old.dcm", "e1", 10, old), ObjectInfo("incoming/new.dcm", "e2", 10, new)]
+    # no catalog row at all: before the watermark an object counts as scored, after it it is looked up
+    assert score.select_unscored(catalog, listed, "tiny-1", "2026-03-01T00:00:00+00:00") == ([listed[1]], 1)
+    assert score.select_unscored(catalog, listed, "tiny-1", None) == (listed, 0)
+    assert score.select_unscored(catalog, listed, "tiny-1", "2026-03-01T00:00:00+00:00", force=True) == (
+        listed,
+        0,
+    )
+
+    store.put("incoming/x.dcm", dicom_bytes(1, Modality="CT"))
+    first = score.run(settings, store, catalog, "w1")
+    listed_at = catalog.scalar("SELECT listed_at FROM score_runs WHERE run_id = 'w1'")
+    assert first["watermark"] is not None and first["watermark"] < listed_at  # a margin behind the listing
+    catalog.execute("UPDATE scored_objects SET settled = FALSE, fate = 'failed', reason = 'tag_write_failed'")
+    modified = store.list("incoming/")[0].modified
+    catalog.execute("UPDATE score_runs SET watermark = NULL")
+    catalog.execute("UPDATE score_runs SET listed_at = :t", {"t": "2030-01-01T00:00:00+00:00"})
+    held = score.finish_run(catalog, "w1")  # an unsettled object holds the watermark at its LastModified
+    assert score._time(held["watermark"]) == score._time(modified)
+    again = score.run(settings, store, catalog, "w2")
+    assert again["tagged"] == 1  # the unsettled object was taken again
