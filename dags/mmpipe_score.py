@@ -51,12 +51,13 @@ def mmpipe_score():
         return pipeline.score_batch(run_id, batch_uri)
 
     @task(trigger_rule="all_done")
-    def reconcile(results: list, run_id=None) -> dict:
+    def summary(results: list, run_id=None) -> dict:
+        """Reconcile the run (runs after failed batches too: their objects count as not reached)."""
         from mmpipe import pipeline
 
         return pipeline.score_finish(run_id)
 
-    reconcile(score_batch.expand(batch_uri=list_unscored()))
+    summary(score_batch.expand(batch_uri=list_unscored()))
     report_task()
 
 

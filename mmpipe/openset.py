@@ -5,7 +5,10 @@ letter included. Scoring therefore asks three more questions of every object, ea
 what the model card recorded on the validation split or from the object's own header:
 
 - ``out_of_distribution``: the energy of the temperature-scaled logits is above the card's
-  threshold (:mod:`mmpipe.calibration`); an object whose images all are becomes ``unknown``;
+  threshold (:mod:`mmpipe.calibration`), or the image's features are further from every class
+  than the validation images are (:class:`FeatureStats`, a Mahalanobis distance); an object whose
+  images all are becomes ``unknown``. The energy alone misses most photographs and documents: a
+  small model is as sure of them as of its classes;
 - ``header_disagrees``: the DICOM header contradicts the prediction under the header rules of
   labelling (:mod:`mmpipe.labels`): a rule names another class (Modality MR predicted as lung CT),
   or the predicted class's rules admit no such modality (an ultrasound, Modality US, predicted as
@@ -61,6 +64,55 @@ def header_contradicts(
     return bool(own) and all(r.modality is not None and value not in r.modality for r in own)
 
 
+#: Share of validation images the feature check lets pass (the energy check has the card's recall).
+FEATURE_RECALL = 0.975
+SHRINKAGE = 0.1  # of the covariance towards its mean variance: few images per feature dimension
+
+
+@dataclass(frozen=True)
+class FeatureStats:
+    """Class means and a shared precision matrix of a model's penultimate features, fitted on the
+    training split, with the Mahalanobis distance below which FEATURE_RECALL of validation lies."""
+
+    means: np.ndarray  # (C, D)
+    precision: np.ndarray  # (D, D)
+    threshold: float
+    recall: float
+
+    def distance(self, features: np.ndarray) -> np.ndarray:
+        """Squared Mahalanobis distance (N,) to the nearest class mean."""
+        diff = np.asarray(features, np.float64)[:, None, :] - self.means[None]
+        return np.einsum("nkd,de,nke->nk", diff, self.precision, diff).min(1)
+
+    def to_npz(self) -> dict[str, np.ndarray]:
+        return {
+            "means": self.means,
+            "precision": self.precision,
+            "threshold": np.array([self.threshold, self.recall]),
+        }
+
+    @classmethod
+    def from_npz(cls, arrays: Mapping[str, np.ndarray]) -> FeatureStats:
+        threshold, recall = arrays["threshold"]
+        return cls(arrays["means"], arrays["precision"], float(threshold), float(recall))
+
+
+def fit_features(
+    train: np.ndarray, train_labels: np.ndarray, val: np.ndarray, classes: int, recall: float = FEATURE_RECALL
+) -> FeatureStats:
+    """Class means and shrunk shared covariance on the training features; threshold on validation."""
+    train = np.asarray(train, np.float64)
+    present = [c for c in range(classes) if (train_labels == c).any()]
+    means = np.stack([train[train_labels == c].mean(0) for c in present])
+    centred = train - means[np.searchsorted(present, train_labels)]
+    cov = centred.T @ centred / max(len(train) - 1, 1)
+    cov = (1 - SHRINKAGE) * cov + SHRINKAGE * np.trace(cov) / len(cov) * np.eye(len(cov))
+    stats = FeatureStats(means, np.linalg.pinv(cov), 0.0, recall)
+    scores = stats.distance(val)
+    threshold = float(np.quantile(scores, recall, method="higher"))
+    return FeatureStats(means, stats.precision, threshold, float((scores <= threshold).mean()))
+
+
 @dataclass
 class Assessment:
     """What scoring concludes about one object from its images."""
@@ -86,12 +138,16 @@ def assess(
     low_confidence: float,
     headers: Sequence[tuple[str | None, str | None]] = (),
     rules: Sequence[HeaderRule] = (),
+    far: np.ndarray | None = None,
 ) -> Assessment:
-    """One object's verdict from its images' raw logits (N, C) and their DICOM headers
-    ((Modality, BodyPartExamined) per image; None where there is no header)."""
+    """One object's verdict from its images' raw logits (N, C), their DICOM headers
+    ((Modality, BodyPartExamined) per image; None where there is no header) and whether their
+    features lie beyond the feature threshold (``far``, (N,) bool, when the model has FeatureStats)."""
     probs = probabilities(logits, temperature)
     scores = energy(logits, temperature)
     ood = scores > ood_threshold if ood_threshold is not None else np.zeros(len(probs), bool)
+    if far is not None:
+        ood = ood | far
     keep = ~ood
     if not keep.any():
         return Assessment(True, None, 0.0, [OUT_OF_DISTRIBUTION], probs, scores, ood)

@@ -22,6 +22,7 @@ image's probabilities, the reasons and the tags that did not fit.
 
 from __future__ import annotations
 
+import io
 import logging
 import multiprocessing
 import os
@@ -355,17 +356,92 @@ class Scorer:
     model_version: str
     autocast: torch.dtype | None
     rules: tuple[HeaderRule, ...]  # of the header check (mmpipe.openset.header_rules)
+    features: openset.FeatureStats | None = None  # the feature check, once fitted for this model
 
     @classmethod
-    def load(cls, settings: Settings, store: Store, model_version: str, card_uri: str) -> Scorer:
+    def load(
+        cls, settings: Settings, store: Store, model_version: str, card_uri: str, fit: bool = True
+    ) -> Scorer:
+        """The model, with its feature check (fitted and kept first if ``fit`` and it is missing: the
+        first tasks scoring with a new model fit it, each the same, later ones read it)."""
         torch.set_num_threads(torch_threads(settings))
         device = modelcard.resolve_device(settings.device)
         model, card = modelcard.load(store, card_uri, device)  # channels_last, eval
         rules = openset.header_rules(settings.label_rules, card.classes)
-        return cls(model, card, model_version, inference_dtype(card, device), rules)
+        scorer = cls(model, card, model_version, inference_dtype(card, device), rules)
+        key = feature_stats_key(model_version)
+        if store.head(key) is not None:
+            with np.load(io.BytesIO(store.get(key))) as arrays:
+                scorer.features = openset.FeatureStats.from_npz(arrays)
+        elif fit:
+            fit_feature_check(store, scorer)
+        return scorer
+
+    def forward(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(logits (N, C), penultimate features (N, D): what the classifier head receives)."""
+        from mmpipe.models import _classifier
+
+        captured: list[np.ndarray] = []
+        _, head = _classifier(self.model)
+        hook = head.register_forward_pre_hook(
+            lambda _m, inputs: captured.append(inputs[0].float().flatten(1).cpu().numpy())
+        )
+        try:
+            logits = modelcard.logits(self.model, self.card, pixels, INFER_BATCH, self.autocast)
+        finally:
+            hook.remove()
+        return logits, np.concatenate(captured) if captured else np.zeros((0, 0), np.float32)
 
     def logits(self, pixels: np.ndarray) -> np.ndarray:
-        return modelcard.logits(self.model, self.card, pixels, INFER_BATCH, self.autocast)
+        return self.forward(pixels)[0]
+
+    def far(self, features: np.ndarray) -> np.ndarray | None:
+        """Which images' features lie beyond the feature threshold (None: no feature check)."""
+        if self.features is None:
+            return None
+        return self.features.distance(features) > self.features.threshold
+
+
+def feature_stats_key(model_version: str) -> str:
+    return f"{RESULTS_PREFIX}{model_version}/openset-features.npz"
+
+
+def fit_feature_check(store: Store, scorer: Scorer) -> bool:
+    """Fit the model's feature check once (:class:`mmpipe.openset.FeatureStats`: class means on its
+    training split, threshold on its validation split, read from its plan) and keep it in the store.
+
+    False when the plan's images cannot be read: scoring then relies on the energy check alone.
+    """
+    from mmpipe.ingest import load_pixels
+
+    if scorer.features is not None:
+        return True
+    try:
+        plan = store.get_json(store.key_of(scorer.card.plan_uri))
+        entries = {e["image_id"]: e for e in plan["train"] + plan["val"]}
+        pixels = load_pixels(store, list(entries.values()))
+    except (MmpipeError, KeyError, ValueError) as exc:
+        log.warning(
+            "no feature check for %s: its plan's images cannot be read (%s)", scorer.model_version, exc
+        )
+        return False
+    classes = scorer.card.classes
+
+    def split(name: str) -> tuple[np.ndarray, np.ndarray]:
+        ids = list(dict.fromkeys(e["image_id"] for e in plan[name]))
+        labels = np.array([classes.index(entries[i]["label"]) for i in ids])
+        return scorer.forward(np.stack([pixels[i] for i in ids]))[1], labels
+
+    (train, labels), (val, _) = split("train"), split("val")
+    scorer.features = openset.fit_features(train, labels, val, len(classes))
+    save_feature_check(store, scorer.model_version, scorer.features)
+    return True
+
+
+def save_feature_check(store: Store, model_version: str, stats: openset.FeatureStats) -> str:
+    buffer = io.BytesIO()
+    np.savez(buffer, **stats.to_npz())
+    return store.put(feature_stats_key(model_version), buffer.getvalue())
 
 
 def decode_context(settings: Settings, card: modelcard.ModelCard) -> DecodeContext:
@@ -416,7 +492,9 @@ class Verdict:
         }
 
 
-def verdict_of(outcome: Outcome, logits: np.ndarray, scorer: Scorer, low_confidence: float) -> Verdict:
+def verdict_of(
+    outcome: Outcome, logits: np.ndarray, far: np.ndarray | None, scorer: Scorer, low_confidence: float
+) -> Verdict:
     """One decoded object's verdict: failed (a fault: taken again next run), unreadable or assessed."""
     failures = [
         {"member_path": q["member_path"], "reason": q["reason"], "detail": q["detail"]}
@@ -431,7 +509,7 @@ def verdict_of(outcome: Outcome, logits: np.ndarray, scorer: Scorer, low_confide
     card = scorer.card
     headers = [(row["modality"], row["body_part"]) for row, _ in outcome.images]
     assessment = openset.assess(
-        logits, card.classes, card.temperature, card.ood_threshold, low_confidence, headers, scorer.rules
+        logits, card.classes, card.temperature, card.ood_threshold, low_confidence, headers, scorer.rules, far
     )
     members = [row["member_path"] for row, _ in outcome.images]
     fate = UNKNOWN if assessment.unknown else TAGGED
@@ -745,7 +823,7 @@ def score_objects(
 
     ``local``: the objects are files there; nothing is written to the store or the catalog (the
     sidecars stay in the returned ``documents``)."""
-    scorer = Scorer.load(settings, store, model_version, card_uri)
+    scorer = Scorer.load(settings, store, model_version, card_uri, fit=local is None)
     results = Results(None if local else catalog, scorer, run_id, on_object)
     if not objects:
         return results.summary(0)
@@ -761,12 +839,14 @@ def score_objects(
 
         def infer() -> None:
             pixels = [px for o in ready for _, px in o.images]
-            logits = scorer.logits(np.stack(pixels)) if pixels else np.zeros((0, len(scorer.card.classes)))
+            logits, features = scorer.forward(np.stack(pixels)) if pixels else (np.zeros((0, 0)),) * 2
+            far = scorer.far(features) if pixels else None
             verdicts, start = [], 0
             for outcome in ready:
-                mine = logits[start : start + len(outcome.images)]
-                start += len(outcome.images)
-                verdicts.append(verdict_of(outcome, mine, scorer, settings.low_confidence))
+                end = start + len(outcome.images)
+                mine = far[start:end] if far is not None else None
+                verdicts.append(verdict_of(outcome, logits[start:end], mine, scorer, settings.low_confidence))
+                start = end
             if not writer.dry:
                 explain(scorer, verdicts, ready)
             half = max(1, -(-len(verdicts) // WRITE_PROCESSES))  # one share per writer process

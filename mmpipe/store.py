@@ -422,8 +422,12 @@ class Store:
         return json.loads(self.get(key))
 
     def get_tags(self, key: str) -> dict[str, str]:
-        resp = self._call("get tags " + key, self._client.get_object_tagging, Bucket=self.bucket, Key=key)
-        return {t["Key"]: t["Value"] for t in resp.get("TagSet", [])}
+        """The object's tags (a presigned GET: scoring reads every object's tags before writing its own)."""
+        body = self._presigned_get("get tags " + key, "get_object_tagging", Bucket=self.bucket, Key=key)
+        return {
+            tag.findtext("{*}Key", ""): tag.findtext("{*}Value", "")
+            for tag in ElementTree.fromstring(body).iterfind("{*}TagSet/{*}Tag")
+        }
 
     def put_tags(self, key: str, tags: dict[str, str]) -> None:
         """Merge ``tags`` into the object's tag set; the object's bytes are never rewritten."""

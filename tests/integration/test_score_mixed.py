@@ -68,6 +68,10 @@ def trained_champion(settings, store, catalog) -> modelcard.ModelCard:
     catalog.upsert("models", [{"model_version": card.model_version, "training_run_id": "r.t", "backbone": "tinycnn",
                                "checkpoint_uri": "s3://x/ckpt", "card_uri": card_uri}], ["model_version"])  # fmt: skip
     catalog.upsert("model_aliases", [{"alias": "champion", "model_version": card.model_version}], ["alias"])
+    # the feature check, as scoring fits it from a plan: class means on train, threshold on validation
+    scorer = score.Scorer.load(settings, store, card.model_version, card_uri)
+    stats = openset.fit_features(scorer.forward(x_train)[1], y_train, scorer.forward(x_val)[1], len(CLASSES))
+    score.save_feature_check(store, card.model_version, stats)
     return card
 
 

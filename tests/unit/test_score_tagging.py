@@ -85,3 +85,19 @@ def test_default_header_rules_cover_only_configured_classes() -> None:
     rules = openset.header_rules([], ("brain_mri", "lung_ct"))
     assert {r.label for r in rules} == {"brain_mri", "lung_ct"}
     assert any(r.matches("MR", None, None) and r.label == "brain_mri" for r in rules)
+
+
+def test_feature_check_flags_what_lies_far_from_every_class() -> None:
+    rng = np.random.default_rng(1)
+    centres = rng.normal(0, 5, (3, 8))
+    labels = rng.integers(0, 3, 400)
+    train = centres[labels] + rng.normal(0, 1, (400, 8))
+    val = centres[labels[:200]] + rng.normal(0, 1, (200, 8))
+    stats = openset.fit_features(train, labels, val, 3)
+    assert stats.recall >= openset.FEATURE_RECALL
+    fresh = centres[labels[:300] % 3] + rng.normal(0, 1, (300, 8))
+    assert (stats.distance(fresh) > stats.threshold).mean() < 0.06  # in distribution: mostly passes
+    far = rng.normal(0, 1, (100, 8)) * 3 + 20
+    assert (stats.distance(far) > stats.threshold).all()
+    again = openset.FeatureStats.from_npz(stats.to_npz())
+    assert again.threshold == stats.threshold and np.allclose(again.distance(far), stats.distance(far))
