@@ -843,9 +843,6 @@ def sweep_orphans(settings: Settings, store: Store, catalog: Catalog) -> dict[st
     catalog.execute(  # claims of runs no longer running bind nobody
         "DELETE FROM ingest_claims WHERE run_id NOT IN (SELECT run_id FROM ingest_runs WHERE status = 'running')"
     )
-    catalog.execute(
-        "DELETE FROM score_claims WHERE run_id NOT IN (SELECT run_id FROM score_runs WHERE status = 'running')"
-    )
     referenced = {r["uri"] for r in catalog.query("SELECT DISTINCT shard_uri AS uri FROM images")}
     referenced |= {r["uri"] for r in catalog.query("SELECT record_uri AS uri FROM quarantine")}
     cutoff = datetime.now(UTC) - timedelta(hours=settings.orphan_grace_hours)

@@ -72,6 +72,9 @@ FLUSH_OBJECTS = 200  # catalog rows written every this many objects
 #: (S3 stamps the start of a large upload): the watermark stays this far behind the listing.
 WATERMARK_MARGIN = timedelta(hours=1)
 HEARTBEAT = sa.text("UPDATE score_runs SET heartbeat_at = :now WHERE run_id = :r")
+LAPSED_CLAIMS = sa.text(
+    "DELETE FROM score_claims WHERE run_id NOT IN (SELECT run_id FROM score_runs WHERE status = 'running')"
+)
 CLAIMS = (
     "SELECT c.model_version, c.source_key, c.run_id, r.status FROM score_claims c "
     "LEFT JOIN score_runs r ON r.run_id = c.run_id WHERE c.source_key IN ({in})"
@@ -231,6 +234,7 @@ def open_run(
 
     def work(conn: Connection) -> list[ObjectInfo]:
         serialised(conn)
+        conn.execute(LAPSED_CLAIMS)
         keys = [o.key for o in listing.todo]
         claims = {
             r["source_key"]: r

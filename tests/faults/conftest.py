@@ -36,7 +36,7 @@ COLUMNS = (  # (figure, heading, width)
 )
 SCORE_COLUMNS = (
     ("fault", "fault", 38),
-    ("injected", "injected", 16),
+    ("injected", "injected", 24),
     ("first_run", "faulted run", 26),
     ("left_for_rerun", "left", 4),
     ("rerun_scored", "rerun took", 10),

@@ -18,6 +18,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
@@ -35,8 +36,10 @@ from tests.faults.workload import (
     first_run,
     in_background,
     score_recovery,
+    tags_consistent,
     wait_for,
 )
+from tests.integration.test_score import register
 
 pytestmark = pytest.mark.integration
 
@@ -48,21 +51,22 @@ from mmpipe.catalog import open_catalog
 from mmpipe.config import get_settings
 from mmpipe.store import open_store
 score.FLUSH_OBJECTS = int(sys.argv[3])
+model_version = sys.argv[4]
 settings = get_settings(**json.loads(sys.argv[1]))
 store, catalog = open_store(settings), open_catalog(settings)
-if len(sys.argv) > 4:  # start when told: runs started together really overlap
-    sync = pathlib.Path(sys.argv[4])
+if len(sys.argv) > 5:  # start when told: runs started together really overlap
+    sync = pathlib.Path(sys.argv[5])
     (sync / sys.argv[2]).touch()
     while not (sync / "go").exists():
         time.sleep(0.01)
-print(json.dumps(score.run(settings, store, catalog, sys.argv[2])))
+print(json.dumps(score.run(settings, store, catalog, sys.argv[2], model_version=model_version)))
 """
 
 
-def start_child(settings, run_id: str, *sync: Path) -> subprocess.Popen:
-    """A scoring run in a process of its own, as the CLI runs it."""
+def start_child(settings, run_id: str, *sync: Path, model: str = "") -> subprocess.Popen:
+    """A scoring run in a process of its own, as the CLI runs it (of the champion unless ``model``)."""
     return subprocess.Popen(
-        [sys.executable, "-c", CHILD, child_settings(settings), run_id, str(FLUSH), *map(str, sync)],
+        [sys.executable, "-c", CHILD, child_settings(settings), run_id, str(FLUSH), model, *map(str, sync)],
         env={**os.environ, "HF_HUB_OFFLINE": "1"},
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -78,6 +82,10 @@ def settled(catalog) -> int:
     return catalog.scalar("SELECT count(*) FROM scored_objects WHERE settled = TRUE")
 
 
+def sidecars(store) -> list:
+    return store.list(f"{score.RESULTS_PREFIX}{MODEL}/")
+
+
 def rows(catalog) -> int:
     return catalog.scalar("SELECT count(*) FROM scored_objects")
 
@@ -90,7 +98,7 @@ def reconciled(summary: dict) -> bool:
 def rescore_and_check(fault: str, figures: dict, setup: tuple, reference: dict, record_score) -> dict:
     """The next run, fault over: it must score exactly what the faulted one left, as a clean run does."""
     settings, store, catalog, foreign = setup
-    figures.setdefault("left_for_rerun", len(store.list(SCORE_PREFIX)) - settled(catalog))
+    figures["left_for_rerun"] = len(store.list(SCORE_PREFIX)) - settled(catalog)
     rerun = score.run(settings, store, catalog, "rerun")
     figures |= {"rerun_scored": rerun["listed"] - rerun["skipped"], "rerun_reconciled": reconciled(rerun)}
     figures |= score_recovery(store, catalog, MODEL, reference, foreign)
@@ -112,7 +120,7 @@ def test_store_stopped_and_restarted_mid_scoring(scoring, own_store, score_refer
     with fault_proxy(server.endpoint, faults) as proxy:
         flaky = settings.model_copy(update={"s3_endpoint_url": proxy.url})
         thread, out = in_background(night(flaky, open_store(flaky), catalog))
-        wait_for(lambda: len(store.list(f"{score.RESULTS_PREFIX}{MODEL}/")) >= 8)
+        wait_for(lambda: len(sidecars(store)) >= 8)
         embedded.stop(server)
         time.sleep(3)
         own_store["handle"] = embedded.start(server.data_dir, server.s3_port)
@@ -178,22 +186,26 @@ def test_catalog_connection_terminated_mid_scoring(
 
 @pytest.mark.parametrize("seed", [1, 2])
 def test_score_sigkilled_at_a_seeded_point(scoring, incoming, score_reference, record_score, seed) -> None:
-    """The CLI's process killed mid-run; seed 2's run is then found abandoned by the sweep, seed 1's
-    by the next run."""
+    """The CLI's process killed after a seeded number of objects written (sidecar and tags; their
+    catalog rows follow in bursts); seed 2's run is then found abandoned by the sweep, seed 1's by
+    the next run."""
     setup = scoring()
     settings, store, catalog, _ = setup
     rng = random.Random(seed)
-    at, delay = rng.randrange(FLUSH, len(incoming) - FLUSH), rng.uniform(0, 0.3)
-    child = start_child(settings, "night")
-    wait_for(lambda: child.poll() is not None or rows(catalog) >= at)
-    time.sleep(delay)
-    child.send_signal(signal.SIGKILL)
-    child.wait()
+    at, delay = rng.randrange(4, len(incoming) - 4), rng.uniform(0, 0.2)
+    faults = Faults({"slow": 1.0}, slow_seconds=0.03)  # a run slow enough to be killed mid-way
+    with fault_proxy(settings.s3_endpoint_url, faults) as proxy:
+        child = start_child(settings.model_copy(update={"s3_endpoint_url": proxy.url}), "night")
+        wait_for(lambda: child.poll() is not None or len(sidecars(store)) >= at)
+        time.sleep(delay)
+        child.send_signal(signal.SIGKILL)
+        child.wait()
     was = catalog.scalar("SELECT status FROM score_runs WHERE run_id = 'night'")
-    figures = {"first_run": f"SIGKILL ({was})", "injected": f"after {rows(catalog)} objects"}
-    if seed == 2:
+    done = f"{len(sidecars(store))} written, {rows(catalog)} recorded"
+    figures = {"first_run": f"SIGKILL ({was})", "injected": done}
+    if seed == 2 and was == "running":
         ingest.sweep_orphans(settings, store, catalog)
-        assert catalog.scalar("SELECT count(*) FROM score_claims") == 0
+        assert catalog.scalar("SELECT status FROM score_runs WHERE run_id = 'night'") == "abandoned"
     rescore_and_check(f"score SIGKILLed (seed {seed})", figures, setup, score_reference, record_score)
     if was == "running":
         assert catalog.scalar("SELECT status FROM score_runs WHERE run_id = 'night'") == "abandoned"
@@ -230,26 +242,28 @@ def test_local_disk_full_under_the_embedded_catalog(scoring, tmp_path, score_ref
 # --------------------------------------------------------------------------- two runs at once
 
 
+def together(settings, tmp_path: Path, runs: dict[str, str], catalog) -> list[dict]:
+    """Scoring runs (run id -> model, "" the champion) started together in processes of their own;
+    their score_runs rows, each finished and reconciled."""
+    children = {run_id: start_child(settings, run_id, tmp_path, model=m) for run_id, m in runs.items()}
+    wait_for(lambda: all((tmp_path / r).exists() or c.poll() is not None for r, c in children.items()))
+    (tmp_path / "go").touch()
+    outputs = [child.communicate(timeout=300) for child in children.values()]
+    assert [c.returncode for c in children.values()] == [0, 0], [err[-2000:] for _, err in outputs]
+    rows = catalog.query(
+        "SELECT run_id, model_version, status, listed, skipped, claimed_elsewhere, tagged, unreadable, "
+        "unknown, failed, not_reached FROM score_runs ORDER BY run_id"
+    )
+    assert {r["status"] for r in rows} == {"finished"} and all(reconciled(r) for r in rows), rows
+    return rows
+
+
 def test_two_scoring_runs_on_one_prefix_at_once(scoring, tmp_path, score_reference, record_score) -> None:
     """The nightly run and a backfill from the UI, started together: each object scored and
     accounted once, its tags consistent."""
     setup = scoring()
     settings, _, catalog, _ = setup
-    names = ("nightly", "backfill")
-    children = [start_child(settings, run_id, tmp_path) for run_id in names]
-    wait_for(
-        lambda: all(
-            (tmp_path / r).exists() or c.poll() is not None for r, c in zip(names, children, strict=True)
-        )
-    )
-    (tmp_path / "go").touch()
-    outputs = [child.communicate(timeout=300) for child in children]
-    assert [child.returncode for child in children] == [0, 0], [err[-2000:] for _, err in outputs]
-    runs = catalog.query(
-        "SELECT run_id, status, listed, skipped, claimed_elsewhere, tagged, unreadable, unknown, failed, "
-        "not_reached FROM score_runs ORDER BY run_id"
-    )
-    assert {r["status"] for r in runs} == {"finished"} and all(reconciled(r) for r in runs), runs
+    runs = together(settings, tmp_path, {"nightly": "", "backfill": ""}, catalog)
     scored = [r["listed"] - r["skipped"] for r in runs]
     assert sum(scored) == runs[0]["listed"]  # each object scored by one of them
     figures = {"first_run": "both finished", "injected": "+".join(map(str, scored)) + " scored"}
@@ -257,3 +271,27 @@ def test_two_scoring_runs_on_one_prefix_at_once(scoring, tmp_path, score_referen
         "two runs at once (PostgreSQL)", figures, setup, score_reference, record_score
     )
     assert figures["rerun_scored"] == 0
+
+
+def test_a_new_champion_scores_while_the_last_one_runs(scoring, tmp_path, record_score) -> None:
+    """A backfill of the old champion still running when the new one's nightly run starts: each
+    object ends with one model's tags, whole (never a mix), and the hospital's tags kept."""
+    settings, store, catalog, foreign = scoring()
+    register(store, catalog, "tiny-2")  # the new champion
+    runs = together(settings, tmp_path, {"backfill": MODEL, "nightly": "tiny-2"}, catalog)
+    assert [r["listed"] - r["skipped"] for r in runs] == [r["listed"] for r in runs]  # one model each
+    keys = [o.key for o in store.list(SCORE_PREFIX)]
+    tagged = [k for k in keys if any(t.startswith(score.TAG_PREFIX) for t in store.get_tags(k))]
+    figures = {
+        "first_run": "both finished",
+        "injected": "2 models x 32",
+        "listed": len(keys),
+        "accounted": min(r["listed"] for r in runs),
+        "duplicate_rows": rows(catalog) - 2 * len(keys),
+        "tags_inconsistent": sum(not tags_consistent(store, k, [MODEL, "tiny-2"], foreign) for k in keys),
+        "fault_verdicts": 0,
+        "by_model": dict(Counter(store.get_tags(k).get("mmpipe-model", "-") for k in keys)),
+    }
+    record_score("a new champion while the last one runs", figures)
+    assert figures["duplicate_rows"] == figures["tags_inconsistent"] == 0, figures
+    assert len(tagged) == len(keys) - 1  # all but the object whose 10 foreign tags leave no room

@@ -183,6 +183,20 @@ def fates(store: Store, catalog: Catalog, model_version: str) -> dict[str, tuple
     }
 
 
+def tags_consistent(store: Store, key: str, models: list[str], foreign: dict) -> bool:
+    """The object keeps exactly the hospital's tags, and mmpipe's are exactly what one of ``models``
+    wrote (its sidecar's ``tags_written``), or none."""
+    tags = store.get_tags(key)
+    ours = {k: v for k, v in tags.items() if k.startswith(score.TAG_PREFIX)}
+    if {k: v for k, v in tags.items() if k not in ours} != foreign.get(key, {}):
+        return False
+    return not ours or any(
+        store.get_json(score.sidecar_key(m, key))["tags_written"] == ours
+        for m in models
+        if store.head(score.sidecar_key(m, key)) is not None
+    )
+
+
 def score_recovery(
     store: Store, catalog: Catalog, model_version: str, reference: dict[str, tuple], foreign: dict
 ) -> dict[str, Any]:
@@ -194,13 +208,6 @@ def score_recovery(
     predictions = catalog.query("SELECT source_key, member_path, model_version FROM predictions")
     members = Counter((p["source_key"], p["member_path"], p["model_version"]) for p in predictions)
     differ = {k for k in listed if mine.get(k) != reference.get(k)}
-    inconsistent = 0
-    for key in listed:
-        tags = store.get_tags(key)
-        ours = {k: v for k, v in tags.items() if k.startswith(score.TAG_PREFIX)}
-        written = store.get_json(score.sidecar_key(model_version, key))["tags_written"] if ours else {}
-        hospital = {k: v for k, v in tags.items() if not k.startswith(score.TAG_PREFIX)}
-        inconsistent += ours != written or hospital != foreign.get(key, {})
     return {
         "listed": len(listed),
         "fates": dict(Counter(v[0] for k, v in mine.items() if k in listed)),
@@ -211,7 +218,7 @@ def score_recovery(
         "unsettled": sum(1 for k, v in mine.items() if not v[2]),
         "fault_verdicts": sum(1 for k in differ if mine.get(k, ("",))[0] == score.UNREADABLE),
         "differ_from_clean_run": sorted(differ),
-        "tags_inconsistent": inconsistent,
+        "tags_inconsistent": sum(not tags_consistent(store, k, [model_version], foreign) for k in listed),
         "same_as_clean_run": not differ,
         "runs_left_running": catalog.scalar("SELECT count(*) FROM score_runs WHERE status = 'running'"),
         "claims_left": catalog.scalar("SELECT count(*) FROM score_claims"),
