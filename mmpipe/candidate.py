@@ -86,10 +86,11 @@ class Candidate:
             if getattr(self, option) not in allowed:
                 shown = ", ".join("null" if a is None else a for a in allowed)
                 raise ConfigError(f"{option} must be one of {shown}; got {getattr(self, option)!r}")
-        if not 0 <= self.finetune_freeze_ratio <= self.freeze_ratio <= 1:
+        ratios = (self.finetune_freeze_ratio, self.freeze_ratio)
+        if not all(0 <= r <= 1 for r in ratios) or (self.init != "random" and ratios[0] > ratios[1]):
             raise ConfigError(
                 "need 0 <= finetune_freeze_ratio <= freeze_ratio <= 1 (stage 2 unfreezes, never freezes "
-                f"more); got {self.finetune_freeze_ratio} and {self.freeze_ratio}"
+                f"more; a random init ignores both); got {self.finetune_freeze_ratio} and {self.freeze_ratio}"
             )
         if self.image_size is not None and self.image_size < spec.min_size:
             raise ConfigError(f"{self.backbone} needs image_size >= {spec.min_size}, got {self.image_size}")

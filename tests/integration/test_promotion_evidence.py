@@ -22,7 +22,7 @@ from tests.conftest import export_env
 pytestmark = pytest.mark.integration
 
 TINY = {"backbone": "tinycnn", "init": "random", "image_size": 32, "epochs": 2, "batch_size": 32}
-TINY |= {"freeze_ratio": 0.0}
+TINY |= {"freeze_ratio": 0.0, "finetune_freeze_ratio": 0.0}
 RUN = "retrain__gate"
 
 
