@@ -51,6 +51,12 @@ class Settings(BaseSettings):
     max_image_pixels: int = Field(8192 * 8192, description="Largest rows*columns of one frame.")
     max_frames: int = Field(2048, description="Most frames one multi-frame object may hold.")
     low_confidence: float = Field(0.6, ge=0, le=1, description="Scores below this are flagged for review.")
+    max_colourfulness: float = Field(
+        15.0,
+        ge=0,
+        description="Scoring: an image more colourful than this (Hasler-Suesstrunk, 0-255; under 15 is "
+        "'not colourful', photographs 30+) is out of distribution: the five modalities are greyscale.",
+    )
     score_threads: int = Field(
         0,
         ge=0,

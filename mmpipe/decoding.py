@@ -188,6 +188,7 @@ def image_row(obj: ObjectInfo, member: str, decoded: Decoded, label: Label, salt
         "float_pixels": decoded.float_pixels,
         "pixel_mean": float(pixels.mean()),
         "pixel_std": float(pixels.std()),
+        "colourfulness": round(decoded.colourfulness, 3),
     }
 
 

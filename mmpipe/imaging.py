@@ -209,6 +209,7 @@ class Decoded:
     accession: str | None = None
     bits_allocated: int = 0  # the container per sample (DICOM BitsAllocated); 0 when the header lacks it
     float_pixels: bool = False  # Float/Double Float Pixel Data
+    colourfulness: float = 0.0  # of colour input (:func:`colourfulness`); 0 for greyscale
 
 
 # --------------------------------------------------------------------------- sniffing
@@ -334,8 +335,23 @@ def _finish(native: np.ndarray, size: int, window: tuple[float, float] | None) -
     return pixels
 
 
-def _luma(rgb: np.ndarray) -> np.ndarray:
-    return np.asarray(rgb[..., :3], dtype=np.float32) @ _BT601
+def _luma(rgb: np.ndarray) -> tuple[np.ndarray, float]:
+    """BT.601 luma of an RGB image, and its colourfulness (:func:`colourfulness`)."""
+    rgb = np.asarray(rgb[..., :3], dtype=np.float32)
+    return rgb @ _BT601, colourfulness(rgb)
+
+
+def colourfulness(rgb: np.ndarray) -> float:
+    """Hasler and Suesstrunk's colourfulness of an RGB image on a 0-255 scale: 0 for grey (whatever its
+    container), under ~15 "not colourful", 33+ a photograph's. The five modalities are greyscale, so
+    scoring reads a colourful image as out of distribution. Computed on a subsample of <= 256x256."""
+    step = max(1, max(rgb.shape[:2]) // 256)
+    sample = np.asarray(rgb[::step, ::step, :3], dtype=np.float32)
+    if sample.max() > 255:  # 16-bit samples
+        sample = sample * (255.0 / 65535.0)
+    rg = sample[..., 0] - sample[..., 1]
+    yb = 0.5 * (sample[..., 0] + sample[..., 1]) - sample[..., 2]
+    return float(np.hypot(rg.std(), yb.std()) + 0.3 * np.hypot(rg.mean(), yb.mean()))
 
 
 def _technical(exc: Exception) -> str:
@@ -479,7 +495,7 @@ def _decode_dicom(data: bytes, size: int, limits: Limits) -> Decoded:
             Reason.UNSUPPORTED_TRANSFER_SYNTAX, f"no installed plugin decodes {tsyntax} ({tsyntax.name})"
         )
     frame = n_frames // 2
-    native, window = dicom_native(ds, frame)
+    native, window, colour = dicom_native(ds, frame)
     return Decoded(
         pixels=_finish(native, size, window),
         frame=frame if n_frames > 1 else None,
@@ -497,19 +513,24 @@ def _decode_dicom(data: bytes, size: int, limits: Limits) -> Decoded:
         accession=_text(ds, "AccessionNumber"),
         bits_allocated=_int(ds, "BitsAllocated", default=0),
         float_pixels="PixelData" not in ds,
+        colourfulness=colour,
     )
 
 
-def dicom_native(ds: Dataset | NativeHeader, frame: int) -> tuple[np.ndarray, tuple[float, float] | None]:
-    """Decode one frame to a 2-D float image in native units plus its window, per the module rules."""
+def dicom_native(
+    ds: Dataset | NativeHeader, frame: int
+) -> tuple[np.ndarray, tuple[float, float] | None, float]:
+    """Decode one frame to a 2-D float image in native units, its window and its colourfulness."""
     stored = _stored_frame(ds, frame)
     photometric = _text(ds, "PhotometricInterpretation")
     if photometric == "PALETTE COLOR":
         with data_fault("unusable palette"):
             rgb = apply_color_lut(stored, ds)
-        return _luma(rgb), None
+        luma, colour = _luma(rgb)
+        return luma, None, colour
     if stored.ndim == 3:  # RGB; pydicom already converted YBR_* to RGB
-        return _luma(stored), None
+        luma, colour = _luma(stored)
+        return luma, None, colour
     if stored.ndim != 2:
         raise Rejected(Reason.CORRUPT, f"unexpected decoded shape {stored.shape}")
     if photometric not in _MONOCHROME:
@@ -525,7 +546,7 @@ def dicom_native(ds: Dataset | NativeHeader, frame: int) -> tuple[np.ndarray, tu
     if photometric == "MONOCHROME1" or _text(ds, "PresentationLUTShape") == "INVERSE":
         native = -native
         window = None if window is None else (-window[1], -window[0])
-    return native, window
+    return native, window, 0.0
 
 
 def _stored_frame(ds: Dataset, frame: int) -> np.ndarray:
@@ -836,10 +857,10 @@ def _decode_raster(data: bytes, kind: str, size: int, limits: Limits) -> Decoded
     except Exception as exc:  # whatever Pillow raises on a header it cannot parse
         if kind != "jpeg":
             raise Rejected(Reason.CORRUPT, f"unreadable {kind} header ({type(exc).__name__})") from None
-        native, photometric, bits = _libjpeg_raster(data, limits)  # Pillow opens 8-bit JPEG only
+        native, photometric, bits, colour = _libjpeg_raster(data, limits)  # Pillow opens 8-bit JPEG only
     else:
         with image:
-            native, photometric, bits = _pillow_raster(image, kind, limits)
+            native, photometric, bits, colour = _pillow_raster(image, kind, limits)
     return Decoded(
         pixels=_finish(native, size, None),
         frame=None,
@@ -850,6 +871,7 @@ def _decode_raster(data: bytes, kind: str, size: int, limits: Limits) -> Decoded
         photometric=photometric,
         transfer_syntax=None,
         bits_allocated=_raster_container(bits),
+        colourfulness=colour,
     )
 
 
@@ -858,7 +880,7 @@ def _raster_container(bits: int) -> int:
     return bits if bits in (1, 8, 16, 32) else 8 * -(-bits // 8)
 
 
-def _pillow_raster(image: Image.Image, kind: str, limits: Limits) -> tuple[np.ndarray, str, int]:
+def _pillow_raster(image: Image.Image, kind: str, limits: Limits) -> tuple[np.ndarray, str, int, float]:
     cols, rows = image.size
     _check_pixels(rows, cols, limits)  # before load(), so Pillow's global bomb limit never decides
     try:
@@ -868,23 +890,25 @@ def _pillow_raster(image: Image.Image, kind: str, limits: Limits) -> tuple[np.nd
     except Exception as exc:
         raise Rejected(Reason.CORRUPT, f"truncated or corrupt {kind} ({type(exc).__name__})") from None
     with data_fault(f"unconvertible {kind}"):
-        native, photometric, bits = _raster_native(image)
-    return _upright(native, image.getexif), photometric, bits
+        native, photometric, bits, colour = _raster_native(image)
+    return _upright(native, image.getexif), photometric, bits, colour
 
 
-def _raster_native(image: Image.Image) -> tuple[np.ndarray, str, int]:
-    """A loaded Pillow image -> (2-D float image, DICOM-style photometric, bits per sample)."""
+def _raster_native(image: Image.Image) -> tuple[np.ndarray, str, int, float]:
+    """A loaded Pillow image -> (2-D float image, DICOM-style photometric, bits per sample, colourfulness)."""
     mode = image.mode
     if mode in ("1", "L", "LA"):
         gray = image if mode != "LA" else image.getchannel("L")
-        return np.asarray(gray, dtype=np.float32), "MONOCHROME2", 1 if mode == "1" else 8
+        return np.asarray(gray, dtype=np.float32), "MONOCHROME2", 1 if mode == "1" else 8, 0.0
     if mode.startswith("I") or mode == "F":
-        return np.asarray(image, dtype=np.float32), "MONOCHROME2", 16 if mode.startswith("I;16") else 32
+        bits = 16 if mode.startswith("I;16") else 32
+        return np.asarray(image, dtype=np.float32), "MONOCHROME2", bits, 0.0
     photometric = "PALETTE COLOR" if mode in ("P", "PA") else "RGB"
-    return _luma(np.asarray(image.convert("RGB"))), photometric, 8
+    luma, colour = _luma(np.asarray(image.convert("RGB")))
+    return luma, photometric, 8, colour
 
 
-def _libjpeg_raster(data: bytes, limits: Limits) -> tuple[np.ndarray, str, int]:
+def _libjpeg_raster(data: bytes, limits: Limits) -> tuple[np.ndarray, str, int, float]:
     """A JPEG Pillow cannot open (12-bit extended, lossless up to 16 bit) -> as :func:`_raster_native`."""
     frame = _jpeg_frame(data)
     _check_pixels(frame.rows, frame.cols, limits)  # libjpeg allocates whatever the header declares
@@ -897,13 +921,23 @@ def _libjpeg_raster(data: bytes, limits: Limits) -> tuple[np.ndarray, str, int]:
         stored = libjpeg.decode(restated)
     except Exception as exc:
         raise Rejected(Reason.CORRUPT, f"truncated or corrupt jpeg ({_technical(exc)})") from None
+    colour = 0.0
     if stored.ndim == 2:
         native, photometric = stored.astype(np.float32), "MONOCHROME2"
     elif frame.ycbcr:  # Y is BT.601 luma already
         native, photometric = stored[..., 0].astype(np.float32), "RGB"
+        colour = colourfulness(_ycbcr_to_rgb(stored, frame.precision))
     else:
-        native, photometric = _luma(stored), "RGB"
-    return _upright(native, lambda: _exif(frame.exif)), photometric, frame.precision
+        (native, colour), photometric = _luma(stored), "RGB"
+    return _upright(native, lambda: _exif(frame.exif)), photometric, frame.precision, colour
+
+
+def _ycbcr_to_rgb(ycbcr: np.ndarray, precision: int) -> np.ndarray:
+    """JFIF's full-range YCbCr -> RGB, at the samples' own precision (for colourfulness only)."""
+    y, cb, cr = (ycbcr[..., c].astype(np.float32) for c in range(3))
+    half = float(2 ** (precision - 1))
+    cb, cr = cb - half, cr - half
+    return np.stack([y + 1.402 * cr, y - 0.344136 * cb - 0.714136 * cr, y + 1.772 * cb], axis=-1)
 
 
 def _upright(native: np.ndarray, read_exif: Callable[[], Image.Exif]) -> np.ndarray:

@@ -493,9 +493,15 @@ class Verdict:
 
 
 def verdict_of(
-    outcome: Outcome, logits: np.ndarray, far: np.ndarray | None, scorer: Scorer, low_confidence: float
+    outcome: Outcome,
+    logits: np.ndarray,
+    far: np.ndarray | None,
+    scorer: Scorer,
+    low_confidence: float,
+    max_colourfulness: float,
 ) -> Verdict:
-    """One decoded object's verdict: failed (a fault: taken again next run), unreadable or assessed."""
+    """One decoded object's verdict: failed (a fault: taken again next run), unreadable or assessed.
+    ``far`` (the feature check) and colour beyond ``max_colourfulness`` put an image out of distribution."""
     failures = [
         {"member_path": q["member_path"], "reason": q["reason"], "detail": q["detail"]}
         for q in outcome.quarantined
@@ -508,6 +514,8 @@ def verdict_of(
         return Verdict(outcome.obj, UNREADABLE, reason, failures=failures)
     card = scorer.card
     headers = [(row["modality"], row["body_part"]) for row, _ in outcome.images]
+    colourful = np.array([row["colourfulness"] > max_colourfulness for row, _ in outcome.images])
+    far = colourful if far is None else far | colourful
     assessment = openset.assess(
         logits, card.classes, card.temperature, card.ood_threshold, low_confidence, headers, scorer.rules, far
     )
@@ -846,7 +854,16 @@ def score_objects(
             for outcome in ready:
                 end = start + len(outcome.images)
                 mine = far[start:end] if far is not None else None
-                verdicts.append(verdict_of(outcome, logits[start:end], mine, scorer, settings.low_confidence))
+                verdicts.append(
+                    verdict_of(
+                        outcome,
+                        logits[start:end],
+                        mine,
+                        scorer,
+                        settings.low_confidence,
+                        settings.max_colourfulness,
+                    )
+                )
                 start = end
             if not writer.dry:
                 explain(scorer, verdicts, ready)

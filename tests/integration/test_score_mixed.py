@@ -130,4 +130,5 @@ def test_mixed_prefix_every_fate_reconciled_and_open_set_measured(ready) -> None
     print(f"\nopen set: caught (unknown, out_of_distribution or header_disagrees) {caught}; "
           f"flagged for any review reason {review_any}; in-class wrongly flagged {wrongly:.2f}")  # fmt: skip
     assert caught["ultrasound"] == 1.0  # Modality US contradicts every class the rules know
+    assert caught["photo"] == 1.0  # colour: the five modalities are greyscale
     assert wrongly <= 0.25

@@ -222,7 +222,7 @@ def test_misstated_sequential_scan_decodes_as_its_conforming_twin() -> None:
 
 def test_ct_small_is_rescaled_to_hounsfield_units() -> None:
     ds = pydicom.dcmread(io.BytesIO(local("CT_small.dcm")))
-    native, _ = dicom_native(ds, 0)
+    native, _, _ = dicom_native(ds, 0)
     assert np.allclose(native, apply_rescale(ds.pixel_array, ds))
     assert float(ds.RescaleIntercept) == -1024 and native.min() < ds.pixel_array.min()  # intercept applied
     assert native.min() >= -1024 and native.max() < 3072  # within the physical HU range
@@ -745,3 +745,18 @@ def test_damaged_native_files_end_as_pydicom_ends_them(monkeypatch) -> None:
     differ = [(f, s) for f, s in zip(fast, slow, strict=True) if f != s]
     assert not differ, differ[:3]
     assert {o[0] for o in fast} == {"decoded", "rejected"}
+
+
+
+def test_colourfulness_tells_a_photograph_from_grey_in_a_colour_container() -> None:
+    """Scoring's colour check: grey stored as RGB (PNG, JPEG, RGB DICOM) measures ~0, a colourful
+    photograph far above the 15 that marks 'not colourful'; a greyscale file measures 0."""
+    rng = np.random.default_rng(0)
+    grey = (rng.random((96, 96)) * 255).astype(np.uint8)
+    photo = (rng.random((4, 4, 3)).repeat(24, 0).repeat(24, 1) * 255).astype(np.uint8)
+    for rgb, low, high in ((np.stack([grey] * 3, -1), 0, 2), (photo, 30, 500)):
+        for data in (make_raster(rgb, "PNG"), make_raster(rgb, "JPEG"), make_dicom(rgb, "RGB", 8)):
+            decoded = decode(data)
+            assert decoded.photometric == "RGB"
+            assert low <= decoded.colourfulness <= high, decoded.colourfulness
+    assert decode(make_raster(grey, "PNG")).colourfulness == 0.0
