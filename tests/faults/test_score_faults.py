@@ -26,6 +26,7 @@ import pytest
 import sqlalchemy as sa
 
 from mmpipe import embedded, ingest, score
+from mmpipe.errors import StoreError
 from mmpipe.store import open_store
 from tests.faults.conftest import MODEL
 from tests.faults.proxy import Faults, fault_proxy
@@ -49,6 +50,7 @@ import json, pathlib, sys, time
 from mmpipe import score
 from mmpipe.catalog import open_catalog
 from mmpipe.config import get_settings
+from mmpipe.errors import StoreError
 from mmpipe.store import open_store
 score.FLUSH_OBJECTS = int(sys.argv[3])
 model_version = sys.argv[4]
@@ -80,6 +82,13 @@ def night(settings, store, catalog, run_id: str = "night") -> Callable[[], dict]
 
 def settled(catalog) -> int:
     return catalog.scalar("SELECT count(*) FROM scored_objects WHERE settled = TRUE")
+
+
+def serves(store) -> bool:
+    try:
+        return all(store.get(o.key) for o in store.list(SCORE_PREFIX))
+    except StoreError:
+        return False
 
 
 def sidecars(store) -> list:
@@ -125,6 +134,7 @@ def test_store_stopped_and_restarted_mid_scoring(scoring, own_store, score_refer
         time.sleep(3)
         own_store["handle"] = embedded.start(server.data_dir, server.s3_port)
         thread.join(300)
+    wait_for(lambda: serves(store))  # its volumes come up after its S3 port: the next run starts then
     assert out["first_run"] in ("finished", "incomplete", "failed: StoreUnavailable"), out
     figures = out | {"injected": "3 s down"}
     rescore_and_check("store stopped and restarted", figures, setup, score_reference, record_score)
