@@ -158,6 +158,28 @@ def test_store_answers_badly_during_scoring(scoring, s3_endpoint, score_referenc
     rescore_and_check(label, figures, setup, score_reference, record_score)
 
 
+def test_a_store_stalling_past_the_decode_timeout(
+    scoring, s3_endpoint, score_reference, record_score
+) -> None:
+    """Reads of objects that stall longer than a decode process may take: the decode processes are
+    replaced and the objects retried on their own, and a fetch that still stalls is an error, never
+    a verdict on the object (``unreadable``)."""
+    setup = scoring(decode_timeout_seconds=2.0)
+    settings, _, catalog, _ = setup
+
+    def object_reads(method: str, path: str) -> bool:
+        return method == "GET" and f"/{SCORE_PREFIX}" in path and "tagging" not in path
+
+    faults = Faults({"slow": 0.1}, match=object_reads, slow_seconds=9, seed=5)  # > 4 objects x 2 s
+    with fault_proxy(s3_endpoint, faults) as proxy:
+        flaky = settings.model_copy(update={"s3_endpoint_url": proxy.url})
+        figures = first_run(night(flaky, open_store(flaky), catalog))
+    figures["injected"] = f"{faults.injected['slow']} of {proxy.requests} stalled 9 s"
+    rescore_and_check(
+        "reads stalled past the decode timeout (2 s)", figures, setup, score_reference, record_score
+    )
+
+
 # --------------------------------------------------------------------------- the catalog and the machine
 
 
