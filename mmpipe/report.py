@@ -41,7 +41,9 @@ ROW_LIMIT = 50
 SHOWN = {
     "ingest_runs", "source_objects", "quarantine", "images", "duplicates", "validations",
     "training_runs", "promotions", "predictions", "score_failures", "evaluations", "dataset_versions",
+    "score_runs", "scored_objects",
 }  # fmt: skip
+SCORE_FATES = ("tagged", "unreadable", "unknown", "skipped", "failed", "not_reached")
 #: Columns whose values say what became of a scored object, grouped into counts when present.
 FATE_COLUMNS = ("fate", "predicted", "needs_review", "review_reason", "review_reasons")
 
@@ -136,6 +138,9 @@ def gather(store: Store, catalog: Catalog, run_id: str) -> RunData:
                 [t["training_run_id"] for t in data.rows["training_runs"]],
             )
         )
+    data.rows["score_runs"] = rows("score_runs", "run_id = :r", **r)
+    if data.rows["score_runs"]:
+        data.counts["scored_objects"] = count_by("scored_objects", ["fate", "reason"], "run_id = :r", **r)
     data.counts["predictions"] = count_by("predictions", FATE_COLUMNS, "run_id = :r", **r)
     data.counts["score_failures"] = count_by("score_failures", ["reason"], "run_id = :r", **r)
     if data.counts["predictions"] or data.counts["score_failures"]:
@@ -383,7 +388,16 @@ def validation_section(data: RunData, page: Page) -> list[Block]:
 
 
 def score_section(data: RunData, page: Page) -> list[Block]:
-    blocks = _counted(data, page, "predictions", "Scored images by outcome")
+    blocks = []
+    for run in data.rows.get("score_runs", []):  # every listed object's fate: they add up to listed
+        fates = [{"fate": f, "objects": run.get(f, 0)} for f in SCORE_FATES] + [
+            {"fate": "listed", "objects": run.get("listed")}
+        ]
+        blocks.append(
+            (f"Fates ({run.get('status')}, model {run.get('model_version')})", table_html(fates, page))
+        )
+    blocks += _counted(data, page, "scored_objects", "Objects by fate and reason")
+    blocks += _counted(data, page, "predictions", "Scored images by outcome")
     blocks += _counted(data, page, "score_failures", "Not scored, by reason")
     if data.rows.get("predictions"):
         blocks.append(("Flagged for review", table_html(data.rows["predictions"], page)))
@@ -413,6 +427,12 @@ def summary_lines(data: RunData) -> list[str]:
         lines.append(f"Training: {ok} of {len(runs)} candidates succeeded.")
     for p in data.rows.get("promotions", []):
         lines.append(f"Promotion: {p.get('decision')} {p.get('challenger')}: {p.get('reason')}.")
+    for run in data.rows.get("score_runs", []):
+        parts = " + ".join(
+            f"{run.get(f, 0)} {f.replace('_', ' ')}" for f in SCORE_FATES if f != "not_reached"
+        )
+        late = f" + {run['not_reached']} not reached" if run.get("not_reached") else ""
+        lines.append(f"Scoring ({run.get('status')}): {run.get('listed')} listed = {parts}{late}.")
     if data.counts.get("predictions") or data.counts.get("score_failures"):
         scored = sum(r["n"] for r in data.counts.get("predictions", []))
         failed = sum(r["n"] for r in data.counts.get("score_failures", []))

@@ -11,7 +11,7 @@ import time
 import pytest
 import torch
 
-from mmpipe import decoding, modelcard, score
+from mmpipe import decoding, modelcard, report, score
 from mmpipe.config import CLASSES
 from mmpipe.imaging import decode_image as real_decode_image
 from mmpipe.models import create_model, get_spec
@@ -214,3 +214,19 @@ def test_watermark_spares_the_catalog_and_waits_for_unsettled_objects(champion) 
     assert score._time(held["watermark"]) == score._time(modified)
     again = score.run(settings, store, catalog, "w2")
     assert again["tagged"] == 1  # the unsettled object was taken again
+
+
+def test_the_run_report_reconciles_every_fate(champion) -> None:
+    settings, store, catalog = champion
+    store.put("incoming/a.dcm", dicom_bytes(1, Modality="CT"))
+    store.put("incoming/b.dcm", dicom_bytes(2, Modality="CT"))
+    store.set_tags("incoming/b.dcm", {f"pacs-{i}": "x" for i in range(10)})
+    store.put("incoming/c.dcm", b"not an image")
+    score.run(settings, store, catalog, "r1")
+
+    page, _ = report.render(report.gather(store, catalog, "r1"))
+
+    assert (
+        "Scoring (finished): 3 listed = 1 tagged + 1 unreadable + 0 unknown + 0 skipped + 1 failed." in page
+    )
+    assert "tag_limit" in page  # the failed object's reason is on the page
