@@ -832,7 +832,8 @@ def score_objects(
         Writer(settings, store, scorer.card, dry=local is not None) as writer,
         Fetcher(settings, local or store, context, len(objects), local=local is not None) as fetcher,
     ):
-        window = 2 * max(fetcher.processes, 1)
+        # two inference batches ahead: the decode processes keep working while the model runs
+        window = max(2 * fetcher.processes, 2 * INFER_BATCH // PROCESS_CHUNK)
         writes: deque[Future[list[Written]]] = deque()
         ready: list[Outcome] = []
         images = 0
