@@ -26,6 +26,7 @@ import pytest
 import sqlalchemy as sa
 
 from mmpipe import embedded, ingest, score
+from mmpipe.errors import StoreError
 from mmpipe.store import open_store
 from tests.faults.conftest import MODEL
 from tests.faults.proxy import Faults, fault_proxy
@@ -49,6 +50,7 @@ import json, pathlib, sys, time
 from mmpipe import score
 from mmpipe.catalog import open_catalog
 from mmpipe.config import get_settings
+from mmpipe.errors import StoreError
 from mmpipe.store import open_store
 score.FLUSH_OBJECTS = int(sys.argv[3])
 model_version = sys.argv[4]
@@ -80,6 +82,13 @@ def night(settings, store, catalog, run_id: str = "night") -> Callable[[], dict]
 
 def settled(catalog) -> int:
     return catalog.scalar("SELECT count(*) FROM scored_objects WHERE settled = TRUE")
+
+
+def serves(store) -> bool:
+    try:
+        return all(store.get(o.key) for o in store.list(SCORE_PREFIX))
+    except StoreError:
+        return False
 
 
 def sidecars(store) -> list:
@@ -125,6 +134,7 @@ def test_store_stopped_and_restarted_mid_scoring(scoring, own_store, score_refer
         time.sleep(3)
         own_store["handle"] = embedded.start(server.data_dir, server.s3_port)
         thread.join(300)
+    wait_for(lambda: serves(store))  # its volumes come up after its S3 port: the next run starts then
     assert out["first_run"] in ("finished", "incomplete", "failed: StoreUnavailable"), out
     figures = out | {"injected": "3 s down"}
     rescore_and_check("store stopped and restarted", figures, setup, score_reference, record_score)
@@ -146,6 +156,28 @@ def test_store_answers_badly_during_scoring(scoring, s3_endpoint, score_referenc
     name = {"503": "503 SlowDown", "slow": "slow answers (0.3 s)", "reset": "connection resets"}
     label = f"{name.get(fault, 'bodies cut short')} ({rate:.0%} of requests)"
     rescore_and_check(label, figures, setup, score_reference, record_score)
+
+
+def test_a_store_stalling_past_the_decode_timeout(
+    scoring, s3_endpoint, score_reference, record_score
+) -> None:
+    """Reads of objects that stall longer than a decode process may take: the decode processes are
+    replaced and the objects retried on their own, and a fetch that still stalls is an error, never
+    a verdict on the object (``unreadable``)."""
+    setup = scoring(decode_timeout_seconds=2.0)
+    settings, _, catalog, _ = setup
+
+    def object_reads(method: str, path: str) -> bool:
+        return method == "GET" and f"/{SCORE_PREFIX}" in path and "tagging" not in path
+
+    faults = Faults({"slow": 0.1}, match=object_reads, slow_seconds=9, seed=5)  # > 4 objects x 2 s
+    with fault_proxy(s3_endpoint, faults) as proxy:
+        flaky = settings.model_copy(update={"s3_endpoint_url": proxy.url})
+        figures = first_run(night(flaky, open_store(flaky), catalog))
+    figures["injected"] = f"{faults.injected['slow']} of {proxy.requests} stalled 9 s"
+    rescore_and_check(
+        "reads stalled past the decode timeout (2 s)", figures, setup, score_reference, record_score
+    )
 
 
 # --------------------------------------------------------------------------- the catalog and the machine
