@@ -26,11 +26,13 @@ from mmpipe import decoding, embedded, ingest
 from mmpipe.store import open_store
 from tests.faults.proxy import Faults, fault_proxy
 from tests.faults.workload import (
+    PREFIX,
     assert_recovered,
     child_settings,
     first_run,
     in_background,
     recovery,
+    serves,
     wait_for,
 )
 
@@ -93,6 +95,7 @@ def test_store_stopped_and_restarted_mid_run(loaded, own_store, reference, recor
     time.sleep(3)
     own_store["handle"] = embedded.start(server.data_dir, server.s3_port)
     thread.join(300)
+    wait_for(lambda: serves(store, PREFIX))  # its volumes come up after its S3 port: the next run starts then
     assert out["first_run"] in ("succeeded", "failed: StoreUnavailable"), out  # never a verdict on data
     figures = out | {"injected": "3 s down"}
     rerun_and_check(

@@ -26,7 +26,6 @@ import pytest
 import sqlalchemy as sa
 
 from mmpipe import embedded, ingest, score
-from mmpipe.errors import StoreError
 from mmpipe.store import open_store
 from tests.faults.conftest import MODEL
 from tests.faults.proxy import Faults, fault_proxy
@@ -37,6 +36,7 @@ from tests.faults.workload import (
     first_run,
     in_background,
     score_recovery,
+    serves,
     tags_consistent,
     wait_for,
 )
@@ -84,13 +84,6 @@ def settled(catalog) -> int:
     return catalog.scalar("SELECT count(*) FROM scored_objects WHERE settled = TRUE")
 
 
-def serves(store) -> bool:
-    try:
-        return all(store.get(o.key) for o in store.list(SCORE_PREFIX))
-    except StoreError:
-        return False
-
-
 def sidecars(store) -> list:
     return store.list(f"{score.RESULTS_PREFIX}{MODEL}/")
 
@@ -134,7 +127,9 @@ def test_store_stopped_and_restarted_mid_scoring(scoring, own_store, score_refer
         time.sleep(3)
         own_store["handle"] = embedded.start(server.data_dir, server.s3_port)
         thread.join(300)
-    wait_for(lambda: serves(store))  # its volumes come up after its S3 port: the next run starts then
+    wait_for(
+        lambda: serves(store, SCORE_PREFIX)
+    )  # its volumes come up after its S3 port: the next run starts then
     assert out["first_run"] in ("finished", "incomplete", "failed: StoreUnavailable"), out
     figures = out | {"injected": "3 s down"}
     rescore_and_check("store stopped and restarted", figures, setup, score_reference, record_score)

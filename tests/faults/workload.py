@@ -23,6 +23,7 @@ from typing import Any
 from mmpipe import ingest, score, synth
 from mmpipe.catalog import Catalog
 from mmpipe.config import Settings
+from mmpipe.errors import StoreError
 from mmpipe.store import Store
 
 PREFIX = "training/"
@@ -240,3 +241,12 @@ def assert_score_recovered(figures: dict[str, Any]) -> None:
         "claims_left": figures["claims_left"],
     }
     assert not any(problems.values()), json.dumps(figures, indent=1, default=str)
+
+
+def serves(store: Store, prefix: str) -> bool:
+    """The store answers reads of every object under ``prefix`` (a restarted SeaweedFS opens its S3
+    port before its volumes: 500 InternalError meanwhile)."""
+    try:
+        return all(store.get(o.key) for o in store.list(prefix))
+    except StoreError:
+        return False
