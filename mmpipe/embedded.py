@@ -88,8 +88,29 @@ def _ready(endpoint: str) -> bool:
     return True
 
 
+PORT_ATTEMPTS = 3
+#: What weed logs when a port it was given is taken: its own check, or the bind itself.
+PORT_TAKEN_SIGNS = (b"Port allocation failed", b"address already in use")
+
+
 def start(data_dir: Path, s3_port: int | None = None, timeout: float = 60.0) -> EmbeddedStore:
-    """Start ``weed mini`` detached, wait until its S3 endpoint answers, return its handle."""
+    """Start ``weed mini`` detached, wait until its S3 endpoint answers, return its handle.
+
+    A port found free can be taken by another process before weed binds it: weed then exits at once
+    naming the port in use, and the start is tried again on other ports (the S3 port, if chosen here)."""
+    for attempt in range(1, PORT_ATTEMPTS + 1):
+        try:
+            return _start(data_dir, s3_port, timeout)
+        except _PortTaken as taken:
+            if attempt == PORT_ATTEMPTS:
+                raise StoreError(str(taken)) from None
+
+
+class _PortTaken(Exception):
+    pass
+
+
+def _start(data_dir: Path, s3_port: int | None, timeout: float) -> EmbeddedStore:
     data_dir.mkdir(parents=True, exist_ok=True)
     s3_port = s3_port or free_ports(1)[0]
     master, filer, volume = free_ports(3, start=s3_port + 1)
@@ -113,15 +134,20 @@ def start(data_dir: Path, s3_port: int | None = None, timeout: float = 60.0) -> 
         f"-master.volumeSizeLimitMB={VOLUME_SIZE_MB}",
         f"-volume.max={MAX_VOLUMES}",
     ]
-    log = (data_dir / "weed.log").open("ab")
+    log_path = data_dir / "weed.log"
+    log = log_path.open("ab")
+    logged_before = log.tell()
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     store = EmbeddedStore(data_dir, s3_port, proc.pid)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise StoreError(
-                f"embedded store exited with code {proc.returncode}; see {data_dir / 'weed.log'}"
-            )
+            message = f"embedded store exited with code {proc.returncode}; see {log_path}"
+            with log_path.open("rb") as logged:
+                logged.seek(logged_before)
+                if any(sign in logged.read() for sign in PORT_TAKEN_SIGNS):
+                    raise _PortTaken(message + " (a port was taken meanwhile)")
+            raise StoreError(message)
         if _ready(store.endpoint):
             (data_dir / "weed.pid").write_text(f"{proc.pid} {s3_port}\n")
             return store

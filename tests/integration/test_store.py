@@ -41,6 +41,33 @@ def test_data_survives_a_restart(tmp_path) -> None:
         embedded.stop(again)
 
 
+def test_a_port_taken_before_weed_binds_it_is_tried_again_elsewhere(tmp_path, monkeypatch) -> None:
+    """free_ports can race another process: the first set of ports handed out holds one that is
+    already taken (a plain listener, as another server's); start still succeeds, on other ports."""
+    import socket
+
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    real, calls = embedded.free_ports, []
+
+    def racy(count: int, start: int = 20000) -> list[int]:
+        calls.append(count)
+        ports = real(count, start)
+        return [taken.getsockname()[1], *ports[1:]] if len(calls) == 2 else ports  # the master's port
+
+    monkeypatch.setattr(embedded, "free_ports", racy)
+    try:
+        server = embedded.start(tmp_path / "store")
+        try:
+            assert len(calls) == 4  # (s3), (master, filer, volume) twice
+            assert embedded.running(tmp_path / "store") is not None
+        finally:
+            embedded.stop(server)
+    finally:
+        taken.close()
+
+
 @pytest.fixture
 def store(make_settings) -> Store:
     """A store with a fresh bucket (no catalog: these tests need none)."""
