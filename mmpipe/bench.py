@@ -196,11 +196,11 @@ def bench_candidate(
             optimizer.step()
         float(loss.detach())  # wait for the device
 
+    batches = train.PlanBatches(data, card, transforms, plan["seed"], recipe.seed, batch)
+    loader = train.TrainLoader(batches, settings.train_loader_workers, device)
+
     def pipeline_epoch(epoch: int) -> None:
-        order = train.epoch_order(recipe.seed, epoch, n)
-        batches = train.EpochBatches(data, card, transforms, plan["seed"], epoch, order, batch)
-        loader = train.epoch_loader(batches, settings.train_loader_workers, device)
-        train.run_epoch(sides["pipeline"], optimizers["pipeline"], loss_fn, loader, device, amp)
+        train.run_epoch(sides["pipeline"], optimizers["pipeline"], loss_fn, loader.epoch(epoch), device, amp)
 
     # Adjacent epochs of the two sides form a pair; on a shared machine the load drifts between
     # pairs more than within one, so the ratio is the median of the pairs' ratios.
