@@ -224,7 +224,9 @@ def bench_candidate(
     }
 
 
-def bench_train(images: int, epochs: int, workdir: Path, amp: bool) -> dict[str, Any]:
+def bench_train(
+    images: int, epochs: int, workdir: Path, amp: bool, backbones: tuple[str, ...] = ()
+) -> dict[str, Any]:
     """Per demo candidate: training images/s through mmpipe train's data path vs a bare loop; with
     ``amp``, the same again under bf16 autocast (the gain it gives is the ``bf16_gain`` field)."""
     from mmpipe.demo import PROFILES
@@ -251,7 +253,10 @@ def bench_train(images: int, epochs: int, workdir: Path, amp: bool) -> dict[str,
         print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, loader workers "
               f"{settings.train_loader_workers}; this machine may be shared: compare the ratios")  # fmt: skip
         results = []
-        for candidate in demo_candidates():
+        chosen = [c for c in demo_candidates() if not backbones or c.backbone in backbones]
+        if not chosen:
+            raise ConfigError(f"the demo trains no candidate of {', '.join(backbones)}")
+        for candidate in chosen:
             figures = bench_candidate(settings, plan, data, candidate, epochs, train.amp_dtype(candidate))
             if amp:
                 bf16 = bench_candidate(settings, plan, data, candidate, epochs, torch.bfloat16)
@@ -268,8 +273,9 @@ def bench_train(images: int, epochs: int, workdir: Path, amp: bool) -> dict[str,
 
 
 def run(
-    what: str, objects: int = 2000, images: int = 300, epochs: int = 2, amp: bool = False
-) -> dict[str, Any]:
+    what: str, objects: int = 2000, images: int = 200, epochs: int = 4, amp: bool = False,
+    backbones: tuple[str, ...] = (),
+) -> dict[str, Any]:  # fmt: skip
     """Run benchmark ``what`` (ingest, train), print its figures and a final JSON line, return the figures."""
     if what not in ("ingest", "train"):
         raise ConfigError(f"unknown benchmark {what!r}; available: ingest, train")
@@ -279,6 +285,6 @@ def run(
         if what == "ingest":
             figures = bench_ingest(objects, Path(tmp))
         else:
-            figures = bench_train(images, epochs, Path(tmp), amp)
+            figures = bench_train(images, epochs, Path(tmp), amp, backbones)
     print(json.dumps(figures))
     return figures

@@ -299,7 +299,10 @@ def format_leaderboard(rows: Sequence[dict[str, Any]]) -> str:
 def cmd_bench(args: argparse.Namespace) -> None:
     from mmpipe import bench
 
-    bench.run(args.what, objects=args.objects, images=args.images, epochs=args.epochs, amp=args.amp)
+    bench.run(
+        args.what, objects=args.objects, images=args.images, epochs=args.epochs, amp=args.amp,
+        backbones=tuple(args.backbone or ()),
+    )  # fmt: skip
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
@@ -455,6 +458,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--images", type=int, default=200, help="train: synthetic images planned")
     bench.add_argument("--epochs", type=int, default=4, help="train: epochs timed per side")
     bench.add_argument("--amp", action="store_true", help="train: also measure under bf16 autocast")
+    bench.add_argument(
+        "--backbone", action="append", help="train: only the demo's candidates of this backbone"
+    )
     bench.set_defaults(fn=cmd_bench)
 
     rep = sub.add_parser("report", help="one readable HTML page for a DAG run (ingest, retrain, score)")
