@@ -396,11 +396,11 @@ def bench_candidate(
             optimizer.step()
         float(loss.detach())  # wait for the device
 
+    batches = train.PlanBatches(data, card, transforms, plan["seed"], recipe.seed, batch)
+    loader = train.TrainLoader(batches, settings.train_loader_workers, device)
+
     def pipeline_epoch(epoch: int) -> None:
-        order = train.epoch_order(recipe.seed, epoch, n)
-        batches = train.EpochBatches(data, card, transforms, plan["seed"], epoch, order, batch)
-        loader = train.epoch_loader(batches, settings.train_loader_workers, device)
-        train.run_epoch(sides["pipeline"], optimizers["pipeline"], loss_fn, loader, device, amp)
+        train.run_epoch(sides["pipeline"], optimizers["pipeline"], loss_fn, loader.epoch(epoch), device, amp)
 
     # Adjacent epochs of the two sides form a pair; on a shared machine the load drifts between
     # pairs more than within one, so the ratio is the median of the pairs' ratios.
@@ -424,7 +424,9 @@ def bench_candidate(
     }
 
 
-def bench_train(images: int, epochs: int, workdir: Path, amp: bool) -> dict[str, Any]:
+def bench_train(
+    images: int, epochs: int, workdir: Path, amp: bool, backbones: tuple[str, ...] = ()
+) -> dict[str, Any]:
     """Per demo candidate: training images/s through mmpipe train's data path vs a bare loop; with
     ``amp``, the same again under bf16 autocast (the gain it gives is the ``bf16_gain`` field)."""
     from mmpipe.demo import PROFILES
@@ -451,7 +453,10 @@ def bench_train(images: int, epochs: int, workdir: Path, amp: bool) -> dict[str,
         print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, loader workers "
               f"{settings.train_loader_workers}; this machine may be shared: compare the ratios")  # fmt: skip
         results = []
-        for candidate in demo_candidates():
+        chosen = [c for c in demo_candidates() if not backbones or c.backbone in backbones]
+        if not chosen:
+            raise ConfigError(f"the demo trains no candidate of {', '.join(backbones)}")
+        for candidate in chosen:
             figures = bench_candidate(settings, plan, data, candidate, epochs, train.amp_dtype(candidate))
             if amp:
                 bf16 = bench_candidate(settings, plan, data, candidate, epochs, torch.bfloat16)

@@ -348,6 +348,8 @@ def cmd_bench(args: argparse.Namespace) -> None:
     from mmpipe import bench
 
     options = {k: v for k, v in vars(args).items() if k in ("objects", "images", "epochs", "amp")}
+    if args.what == "train":
+        options["backbones"] = tuple(args.backbone or ())
     bench.run(args.what, **options)
 
 
@@ -539,6 +541,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench_train.add_argument("--images", type=int, default=200, help="synthetic images planned")
     bench_train.add_argument("--epochs", type=int, default=4, help="epochs timed per side")
     bench_train.add_argument("--amp", action="store_true", help="also measure under bf16 autocast")
+    bench_train.add_argument(
+        "--backbone", action="append", help="only the demo's candidates of this backbone"
+    )
     kinds.add_parser("synth", help="thumbnail baselines per synthetic difficulty").add_argument(
         "--images", type=int, default=600, help="images per difficulty"
     )

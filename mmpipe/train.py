@@ -36,7 +36,7 @@ import numpy as np
 import sqlalchemy as sa
 import torch
 from sklearn.metrics import accuracy_score, f1_score
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from mmpipe import calibration, checkpoints, modelcard
 from mmpipe.balance import augment_batch, augmenter, focal_loss
@@ -124,26 +124,34 @@ def load_data(store: Store, plan: dict) -> TrainingData:
     return TrainingData(plan["train"], images, labels, *arrays(plan["val"]))
 
 
-class EpochBatches(Dataset):
-    """Batch ``i`` of one epoch: the plan positions' images, augmented by their class policy and
-    preprocessed as the model card says. Pure given (plan seed, epoch, order), so a worker process
+class PlanBatches(Dataset):
+    """Batch ``(epoch, i)`` of a run: the plan positions of that epoch's order, augmented by their class
+    policy and preprocessed as the model card says. Pure given the seeds, so a worker process
     computes exactly what the training process would."""
 
     def __init__(
-        self, data: TrainingData, card: modelcard.ModelCard, transforms: dict, plan_seed: int, epoch: int,
-        order: np.ndarray, batch_size: int,
+        self, data: TrainingData, card: modelcard.ModelCard, transforms: dict, plan_seed: int,
+        order_seed: int, batch_size: int,
     ) -> None:  # fmt: skip
         self.data, self.card, self.transforms = data, card, transforms
-        self.plan_seed, self.epoch, self.order, self.batch_size = plan_seed, epoch, order, batch_size
+        self.plan_seed, self.order_seed, self.batch_size = plan_seed, order_seed, batch_size
+        self._order: tuple[int, np.ndarray] | None = None
+
+    def per_epoch(self) -> int:
+        return math.ceil(len(self.data.entries) / self.batch_size)
 
     def __len__(self) -> int:
-        return math.ceil(len(self.order) / self.batch_size)
+        return self.per_epoch()
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        positions = [int(p) for p in self.order[index * self.batch_size : (index + 1) * self.batch_size]]
+    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        epoch, index = key
+        if self._order is None or self._order[0] != epoch:
+            self._order = epoch, epoch_order(self.order_seed, epoch, len(self.data.entries))
+        order = self._order[1]
+        positions = [int(p) for p in order[index * self.batch_size : (index + 1) * self.batch_size]]
         images = torch.from_numpy(self.data.images[positions])
         entries = [self.data.entries[p] for p in positions]
-        images = augment_batch(images, entries, positions, self.transforms, self.plan_seed, self.epoch)
+        images = augment_batch(images, entries, positions, self.transforms, self.plan_seed, epoch)
         return modelcard.preprocess_for(self.card, images), torch.from_numpy(self.data.labels[positions])
 
 
@@ -151,16 +159,36 @@ def epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
     return np.random.default_rng(seed * 1000 + epoch).permutation(n)
 
 
-def epoch_loader(batches: EpochBatches, workers: int, device: torch.device) -> DataLoader:
-    """Batches in order; ``workers`` > 0 prepares them in worker processes while the model computes."""
-    return DataLoader(
-        batches,
-        batch_size=None,
-        shuffle=False,
-        num_workers=workers,
-        pin_memory=device.type == "cuda",
-        prefetch_factor=2 if workers else None,
-    )
+class _EpochKeys(Sampler):
+    def __init__(self, per_epoch: int) -> None:
+        self.per_epoch, self.epoch = per_epoch, 0
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        return ((self.epoch, i) for i in range(self.per_epoch))
+
+    def __len__(self) -> int:
+        return self.per_epoch
+
+
+class TrainLoader:
+    """The run's batches, epoch by epoch, from one DataLoader: ``workers`` > 0 processes prepare them
+    while the model computes, and stay up across epochs (no start-up cost per epoch)."""
+
+    def __init__(self, batches: PlanBatches, workers: int, device: torch.device) -> None:
+        self._keys = _EpochKeys(batches.per_epoch())
+        self._loader = DataLoader(
+            batches,
+            batch_size=None,
+            sampler=self._keys,
+            num_workers=workers,
+            persistent_workers=workers > 0,
+            pin_memory=device.type == "cuda",
+            prefetch_factor=2 if workers else None,
+        )
+
+    def epoch(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        self._keys.epoch = epoch
+        return iter(self._loader)
 
 
 def train_step(
@@ -417,19 +445,24 @@ def train_candidate(
             checkpoints.set_rng_states(saved["rng"])
         loss_fn = criterion(plan, recipe, device)
         transforms = {c: augmenter(plan["policies"].get(c, ())) for c in classes}
+        batches = PlanBatches(data, card, transforms, plan["seed"], candidate.seed, recipe.batch_size)
+        loader = TrainLoader(batches, settings.train_loader_workers, device)
         started = time.monotonic() - progress.seconds
         for epoch in range(progress.epoch + 1, 0 if progress.finished else recipe.epochs):
             t0 = time.monotonic()
+            epoch_batches = loader.epoch(epoch)  # may draw the workers' base seed: before seeding
             torch.manual_seed(candidate.seed * 1000 + epoch)
             lr = optimizer.param_groups[0]["lr"]
             set_train_mode(model)
-            order = epoch_order(candidate.seed, epoch, len(data.entries))
-            batches = EpochBatches(data, card, transforms, plan["seed"], epoch, order, recipe.batch_size)
-            loader = epoch_loader(batches, settings.train_loader_workers, device)
-            train_loss = run_epoch(model, optimizer, loss_fn, loader, device, amp_dtype(recipe))
+            train_loss = run_epoch(model, optimizer, loss_fn, epoch_batches, device, amp_dtype(recipe))
             if scheduler is not None:
                 scheduler.step()
             val, _ = evaluate_split(model, card, data.val_images, data.val_labels)
+            if not math.isfinite(val["loss"]):
+                raise MmpipeError(
+                    f"{candidate.name}: validation loss is {val['loss']} at epoch {epoch}: training diverged "
+                    "(try a lower lr)"
+                )
             catalog.upsert(
                 "epoch_metrics",
                 [
@@ -452,11 +485,6 @@ def train_candidate(
                 candidate.name, epoch, progress.stage, lr, train_loss, val["loss"],
                 val["macro_f1"],
             )  # fmt: skip
-            if not math.isfinite(val["loss"]):
-                raise MmpipeError(
-                    f"{candidate.name}: validation loss is {val['loss']} at epoch {epoch}: training diverged "
-                    "(try a lower lr)"
-                )
             progress.epoch = epoch
             if val["loss"] < progress.best_loss:  # the best state is the lowest loss, however little lower
                 progress.best_loss, progress.best_epoch = val["loss"], epoch
