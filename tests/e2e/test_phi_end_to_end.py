@@ -144,7 +144,9 @@ def test_no_phi_anywhere_a_nightly_loop_writes(airflow_db, ready, monkeypatch, c
             found[f"airflow log {path}"] = hit
     out, err = capfd.readouterr()
     logged = "\n".join(r.getMessage() for r in caplog.records)
-    missing = [line for line in ("ingest run", "tinycnn-random epoch", "scored") if line not in logged + out + err]
+    missing = [
+        line for line in ("ingest run", "tinycnn-random epoch", "scored") if line not in logged + out + err
+    ]
     assert not missing, missing  # the task logs, training's included, were really captured
     for name, text in (("stdout", out), ("stderr", err), ("logging", logged)):
         if hit := hits(text, patterns):

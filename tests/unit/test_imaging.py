@@ -747,7 +747,6 @@ def test_damaged_native_files_end_as_pydicom_ends_them(monkeypatch) -> None:
     assert {o[0] for o in fast} == {"decoded", "rejected"}
 
 
-
 def test_colourfulness_tells_a_photograph_from_grey_in_a_colour_container() -> None:
     """Scoring's colour check: grey stored as RGB (PNG, JPEG, RGB DICOM) measures ~0, a colourful
     photograph far above the 15 that marks 'not colourful'; a greyscale file measures 0."""
