@@ -43,6 +43,7 @@ LITE0_TWINS = [  # the papers' question, "does pretraining help?": one recipe, t
     {"backbone": "efficientnet_lite0", "init": "pretrained"},
     {"backbone": "efficientnet_lite0", "init": "random"},
 ]
+DEMO_MIN_CLASS_RECALL = 0.7
 TARGET_F1 = 0.9  # what every demo candidate should reach (issue 8); the demo says whether it did
 
 PROFILES = {
@@ -124,6 +125,9 @@ def run_demo(profile: str = "demo", difficulty: str | None = None) -> None:
     home.mkdir(parents=True, exist_ok=True)
     log_file = home / "demo.log"
     env.setdefault("MMPIPE_IMAGE_SIZE", str(spec.canonical_size))
+    # The demo's frozen test split holds about ten images of its smaller classes, so one image moves a
+    # class's recall by ~0.1: the gate's absolute floor sits one image below the production default.
+    env.setdefault("MMPIPE_PROMOTION_MIN_CLASS_RECALL", str(DEMO_MIN_CLASS_RECALL))
     env.setdefault("MMPIPE_HOME", str(home))
     # Later commands in this checkout read the curated size from the home's record (no exports).
     record_settings(home, image_size=int(env["MMPIPE_IMAGE_SIZE"]))
