@@ -18,6 +18,7 @@ range, empty = open), `force` (rescore objects this model already scored).
 from __future__ import annotations
 
 from airflow.sdk import AssetOrTimeSchedule, CronTriggerTimetable, Param, dag, task
+from airflow.sdk.exceptions import AirflowSkipException
 from mmpipe_airflow.dag_defaults import CHAMPION, batch_params, dag_defaults
 from mmpipe_airflow.reports import report_task
 
@@ -40,9 +41,13 @@ def mmpipe_score():
     @task
     def list_unscored(params=None, run_id=None) -> list[str]:
         from mmpipe import pipeline
+        from mmpipe.score import NothingToScore
 
         options = {k: params[k] for k in ("model_version", "modified_from", "modified_to", "force")}
-        return pipeline.score_list(run_id, params["prefix"], params["batch_size"], **options)
+        try:
+            return pipeline.score_list(run_id, params["prefix"], params["batch_size"], **options)
+        except NothingToScore as nothing:  # no champion yet: an hourly run has nothing to do
+            raise AirflowSkipException(str(nothing)) from None
 
     @task(max_active_tis_per_dagrun=2)
     def score_batch(batch_uri: str, run_id=None) -> dict:
@@ -54,8 +59,12 @@ def mmpipe_score():
     def summary(results: list, run_id=None) -> dict:
         """Reconcile the run (runs after failed batches too: their objects count as not reached)."""
         from mmpipe import pipeline
+        from mmpipe.score import NothingToScore
 
-        return pipeline.score_finish(run_id)
+        try:
+            return pipeline.score_finish(run_id)
+        except NothingToScore as nothing:  # listing skipped (no champion) or failed: nothing to reconcile
+            raise AirflowSkipException(str(nothing)) from None
 
     summary(score_batch.expand(batch_uri=list_unscored()))
     report_task()

@@ -88,10 +88,15 @@ SCORED = (
 # --------------------------------------------------------------------------- which model
 
 
+class NothingToScore(MmpipeError):
+    """No model to score with yet (no champion), or no listed run to reconcile: a run with nothing to
+    do, which the scoring DAG skips rather than retries."""
+
+
 def current_champion(catalog: Catalog) -> tuple[str, str]:
     version = champion(catalog)
     if version is None:
-        raise MmpipeError("no champion model yet: run the retrain DAG (or `mmpipe promote`) first")
+        raise NothingToScore("no champion model yet: run the retrain DAG (or `mmpipe promote`) first")
     return version, card_uri_of(catalog, version)
 
 
@@ -275,7 +280,7 @@ def finish_run(catalog: Catalog, run_id: str) -> dict[str, Any]:
     """
     run = catalog.query("SELECT * FROM score_runs WHERE run_id = :r", r=run_id)
     if not run:
-        raise MmpipeError(f"no scoring run {run_id!r} was listed")
+        raise NothingToScore(f"no scoring run {run_id!r} was listed")
     run = run[0]
     counts = dict.fromkeys((TAGGED, UNREADABLE, UNKNOWN, FAILED), 0)
     for row in catalog.query(

@@ -170,7 +170,8 @@ def airflow_db() -> None:
 
 @pytest.mark.e2e
 def test_a_failed_run_still_gets_its_page_and_stays_failed(airflow_db, ready, pg_url, monkeypatch):
-    """Scoring with no champion fails; the report task still runs, says so, and keeps the run failed."""
+    """Scoring with a model that does not exist fails; the report task still runs, says so, and keeps
+    the run failed. With no champion at all, an hourly run has nothing to do: it skips, quickly."""
     from airflow.dag_processing.dagbag import DagBag
 
     settings, store, _ = ready(database_url=pg_url)
@@ -178,12 +179,17 @@ def test_a_failed_run_still_gets_its_page_and_stays_failed(airflow_db, ready, pg
     dag = DagBag(dag_folder=str(DAGS / "mmpipe_score.py")).dags["mmpipe_score"]
     for task in dag.tasks:
         task.retries = 0  # fail now, not after the DAG's retry delays
-    run = dag.test()
+    run = dag.test(run_conf={"model_version": "no-such-model"})
     assert run.state == "failed"
     states = {ti.task_id: ti.state for ti in run.get_task_instances()}
-    assert states["list_unscored"] == "failed" and states["report"] == "failed"
+    assert states["list_unscored"] == "failed" and states["report"] == "failed", states
     page = store.get(report.page_key(run.run_id)).decode()
-    assert "Airflow tasks not done: list_unscored, score_batch, summary." in page
+    assert "Airflow tasks not done: list_unscored, score_batch." in page, states
+
+    run = dag.test(run_conf={"model_version": ""})  # (dag.test keeps the last run_conf otherwise)
+    states = {ti.task_id: ti.state for ti in run.get_task_instances()}
+    assert run.state == "success" and states["list_unscored"] == states["summary"] == "skipped", states
+    assert states["report"] == "success"
 
 
 def test_every_dag_ends_in_its_report_task():
