@@ -33,6 +33,7 @@ from tests.faults.workload import (
     in_background,
     recovery,
     serves,
+    terminate_backends,
     wait_for,
 )
 
@@ -143,22 +144,7 @@ def test_catalog_connection_terminated_mid_batch(loaded, pg_admin, reference, re
     settings, store, catalog = loaded()
     database = sa.engine.make_url(settings.database_url).database
     thread, out = in_background(night(settings, store, catalog))
-    terminated, progress = 0, -1
-    with pg_admin.connect() as admin:
-        while thread.is_alive() and terminated < 3:
-            if committed(catalog) == progress:  # one kill per batch: each must be survived on its own
-                time.sleep(0.01)
-                continue
-            killed = admin.execute(
-                sa.text(
-                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = :d "
-                    "AND pid <> pg_backend_pid() AND state IN ('active', 'idle in transaction')"
-                ),
-                {"d": database},
-            ).fetchall()
-            if killed:
-                terminated, progress = terminated + len(killed), committed(catalog)
-            time.sleep(0.01)
+    terminated = terminate_backends(pg_admin, database, thread, lambda: committed(catalog), busy_only=True)
     thread.join(300)
     assert out["first_run"] == "succeeded", out  # dropped transactions are run again
     figures = out | {"injected": f"{terminated} backends"}

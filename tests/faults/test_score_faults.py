@@ -38,6 +38,7 @@ from tests.faults.workload import (
     score_recovery,
     serves,
     tags_consistent,
+    terminate_backends,
     wait_for,
 )
 from tests.integration.test_score import register
@@ -186,25 +187,10 @@ def test_catalog_connection_terminated_mid_scoring(
     monkeypatch.setattr(score, "FLUSH_OBJECTS", FLUSH)
     database = sa.engine.make_url(settings.database_url).database
     faults = Faults({"slow": 1.0}, slow_seconds=0.02)  # a run long enough for three kills
-    terminated, progress = 0, -1
     with fault_proxy(settings.s3_endpoint_url, faults) as proxy:
         flaky = settings.model_copy(update={"s3_endpoint_url": proxy.url})
         thread, out = in_background(night(flaky, open_store(flaky), catalog))
-        with pg_admin.connect() as admin:
-            while thread.is_alive() and terminated < 3:
-                if rows(catalog) == progress:  # one kill per flush: each must be survived on its own
-                    time.sleep(0.01)
-                    continue
-                killed = admin.execute(
-                    sa.text(
-                        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = :d "
-                        "AND pid <> pg_backend_pid()"
-                    ),
-                    {"d": database},
-                ).fetchall()
-                if killed:
-                    terminated, progress = terminated + len(killed), rows(catalog)
-                time.sleep(0.01)
+        terminated = terminate_backends(pg_admin, database, thread, lambda: rows(catalog), busy_only=False)
         thread.join(300)
     assert out["first_run"] == "finished", out  # dropped transactions are run again
     figures = out | {"injected": f"{terminated} backends"}

@@ -250,3 +250,25 @@ def serves(store: Store, prefix: str) -> bool:
         return all(store.get(o.key) for o in store.list(prefix))
     except StoreError:
         return False
+
+
+def terminate_backends(
+    pg_admin: Any, database: str, thread: threading.Thread, progress: Callable[[], int], busy_only: bool
+) -> int:
+    """``pg_terminate_backend`` on the run's connections to ``database`` while ``thread`` runs, once
+    each time ``progress()`` moves (one kill per commit or flush: each must be survived on its own),
+    3 times; ``busy_only``: only connections active or in a transaction. The number of backends killed."""
+    import sqlalchemy as sa
+
+    busy = " AND state IN ('active', 'idle in transaction')" if busy_only else ""
+    query = sa.text(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = :d "
+        f"AND pid <> pg_backend_pid(){busy}"
+    )
+    terminated, last = 0, -1
+    with pg_admin.connect() as admin:
+        while thread.is_alive() and terminated < 3:
+            if progress() != last and (killed := admin.execute(query, {"d": database}).fetchall()):
+                terminated, last = terminated + len(killed), progress()
+            time.sleep(0.01)
+    return terminated
