@@ -33,6 +33,17 @@ def test_temperature_recovers_the_overconfidence_factor() -> None:
     assert nll(logits, labels, t) < nll(logits, labels) - 0.3
 
 
+def test_a_perfectly_separated_validation_split_does_not_sharpen_to_the_bound() -> None:
+    """With every validation image right by a wide margin, NLL only falls as T -> 0: the fit must not
+    follow it (the unregularised fit went to the 0.05 bound on the demo's Lite0)."""
+    rng = np.random.default_rng(1)
+    labels = rng.integers(0, 5, 300)
+    logits = rng.normal(0, 1, (300, 5))
+    logits[np.arange(300), labels] += 9.0
+    assert (logits.argmax(1) == labels).all()
+    assert 0.5 < fit_temperature(logits, labels) <= 1.0
+
+
 def test_calibration_lowers_ece_and_keeps_predictions() -> None:
     logits, labels = _overconfident(scale=3.0)
     cal = calibrate(logits, labels)
