@@ -11,6 +11,7 @@ port when it is down.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -93,14 +94,19 @@ PORT_ATTEMPTS = 3
 PORT_TAKEN_SIGNS = (b"Port allocation failed", b"address already in use")
 
 
-def start(data_dir: Path, s3_port: int | None = None, timeout: float = 60.0) -> EmbeddedStore:
+def start(
+    data_dir: Path, s3_port: int | None = None, timeout: float = 60.0, identity: dict[str, str] | None = None
+) -> EmbeddedStore:
     """Start ``weed mini`` detached, wait until its S3 endpoint answers, return its handle.
+
+    ``identity`` (``KEYS``' fields): the one S3 identity weed accepts, checking every request's
+    signature as AWS and MinIO do; without it weed takes any signature.
 
     A port found free can be taken by another process before weed binds it: weed then exits at once
     naming the port in use, and the start is tried again on other ports (the S3 port, if chosen here)."""
     for attempt in range(1, PORT_ATTEMPTS + 1):
         try:
-            return _start(data_dir, s3_port, timeout)
+            return _start(data_dir, s3_port, timeout, identity)
         except _PortTaken as taken:
             if attempt == PORT_ATTEMPTS:
                 raise StoreError(str(taken)) from None
@@ -110,7 +116,9 @@ class _PortTaken(Exception):
     pass
 
 
-def _start(data_dir: Path, s3_port: int | None, timeout: float) -> EmbeddedStore:
+def _start(
+    data_dir: Path, s3_port: int | None, timeout: float, identity: dict[str, str] | None
+) -> EmbeddedStore:
     data_dir.mkdir(parents=True, exist_ok=True)
     s3_port = s3_port or free_ports(1)[0]
     master, filer, volume = free_ports(3, start=s3_port + 1)
@@ -134,6 +142,13 @@ def _start(data_dir: Path, s3_port: int | None, timeout: float) -> EmbeddedStore
         f"-master.volumeSizeLimitMB={VOLUME_SIZE_MB}",
         f"-volume.max={MAX_VOLUMES}",
     ]
+    if identity:
+        config = data_dir / "s3-identities.json"
+        key = {"accessKey": identity["s3_access_key_id"], "secretKey": identity["s3_secret_access_key"]}
+        config.write_text(
+            json.dumps({"identities": [{"name": "mmpipe", "credentials": [key], "actions": ["Admin"]}]})
+        )
+        cmd.append(f"-s3.config={config}")
     log_path = data_dir / "weed.log"
     log = log_path.open("ab")
     logged_before = log.tell()

@@ -50,7 +50,7 @@ from mmpipe.ingest import abandon_stale_runs, process_owner, serialised, utc_now
 from mmpipe.labels import HeaderRule, Label, Labeler
 from mmpipe.progress import progress
 from mmpipe.promote import champion
-from mmpipe.store import NotFound, ObjectInfo, Store
+from mmpipe.store import Fetched, NotFound, ObjectInfo, Store
 
 log = logging.getLogger(__name__)
 
@@ -475,6 +475,7 @@ class Verdict:
     members: list[str] = field(default_factory=list)  # member path of each image
     failures: list[dict[str, str]] = field(default_factory=list)  # members that could not be used
     overlays: dict[int, bytes] = field(default_factory=dict)  # image index -> Grad-CAM overlay PNG
+    tag_count: int | None = None  # tags the object carried when read (None: not known)
 
     def tags(self, model_version: str) -> dict[str, str]:
         """mmpipe's tags for this object, most essential first (see :mod:`mmpipe.tagging`)."""
@@ -516,7 +517,7 @@ def verdict_of(
         return Verdict(outcome.obj, FAILED, kind, settled=False, failures=failures)
     if not outcome.images:
         reason = failures[0]["reason"] if failures else "no_image"
-        return Verdict(outcome.obj, UNREADABLE, reason, failures=failures)
+        return Verdict(outcome.obj, UNREADABLE, reason, failures=failures, tag_count=outcome.tag_count)
     card = scorer.card
     headers = [(row["modality"], row["body_part"]) for row, _ in outcome.images]
     colourful = np.array([row["colourfulness"] > max_colourfulness for row, _ in outcome.images])
@@ -526,7 +527,14 @@ def verdict_of(
     )
     members = [row["member_path"] for row, _ in outcome.images]
     fate = UNKNOWN if assessment.unknown else TAGGED
-    return Verdict(outcome.obj, fate, assessment=assessment, members=members, failures=failures)
+    return Verdict(
+        outcome.obj,
+        fate,
+        assessment=assessment,
+        members=members,
+        failures=failures,
+        tag_count=outcome.tag_count,
+    )
 
 
 # --------------------------------------------------------------------------- writing one object
@@ -587,12 +595,17 @@ Written = tuple[Verdict, tagging.TagPlan | None, str | None]
 
 def write_object(store: Store, card: modelcard.ModelCard, verdict: Verdict) -> Written:
     """Sidecar, then tags (so a tag never points at missing evidence). A store fault fails the object
-    (taken again next run); an object with no room for even one tag fails with ``tag_limit``."""
+    (taken again next run); an object with no room for even one tag fails with ``tag_limit``.
+
+    The foreign tags to keep are read only if the object had tags when it was fetched: S3 offers no
+    conditional tag write, so a tag another system adds between that fetch and this write (seconds,
+    rather than the milliseconds between a read and a write of the tags) is lost either way."""
     if verdict.fate == FAILED:
         return verdict, None, None
     ours = verdict.tags(card.model_version)
     try:
-        plan = tagging.plan_tags(store.get_tags(verdict.obj.key), ours)
+        foreign = store.get_tags(verdict.obj.key) if verdict.tag_count != 0 else {}
+        plan = tagging.plan_tags(foreign, ours)
         if not plan.fits:
             verdict.fate, verdict.reason = FAILED, TAG_LIMIT
         overlays = {
@@ -631,7 +644,7 @@ def _write_many(card: modelcard.ModelCard, verdicts: list[Verdict]) -> list[Writ
 
 
 class Writer:
-    """Writes sidecars and tags behind inference: WRITE_PROCESSES forked processes (boto3 calls cost
+    """Writes sidecars and tags behind inference: WRITE_PROCESSES forked processes (requests cost
     client CPU that would otherwise hold the scoring process's GIL), each with WRITE_THREADS
     threads; threads of this process where fork is unavailable. Started before any decode process
     or inference thread exists, so nothing is held locked in them."""
@@ -645,7 +658,7 @@ class Writer:
                 WRITE_PROCESSES,
                 mp_context=multiprocessing.get_context("fork"),
                 initializer=_writer_start,
-                initargs=(Store(settings), os.getpid()),
+                initargs=(store, os.getpid()),  # its writes open a connection per process (DirectHttp)
             )
             self.pool.submit(int).result()  # fork now, while this process is single-threaded
         else:
@@ -725,10 +738,10 @@ class LocalFiles:
             for p in files
         ]
 
-    def fetch(self, key: str) -> bytes:
+    def fetch(self, key: str) -> Fetched:
         base = self.root.parent if self.root.is_file() else self.root
         try:
-            return (base / key).read_bytes()
+            return Fetched((base / key).read_bytes(), 0)
         except FileNotFoundError:
             raise NotFound(f"{key} was deleted after it was listed") from None
 

@@ -141,7 +141,10 @@ def test_uri_helpers(store) -> None:
 def test_fetch_reads_what_get_reads_and_fails_clearly(store) -> None:
     body = bytes(range(256)) * 40
     store.put("training/x/a b+c.dcm", body)  # a key that needs URL quoting
-    assert store.fetch("training/x/a b+c.dcm") == store.get("training/x/a b+c.dcm") == body
+    assert store.fetch("training/x/a b+c.dcm") == (body, 0)
+    assert store.get("training/x/a b+c.dcm") == body
+    store.set_tags("training/x/a b+c.dcm", {"a": "1", "b": "2", "c": "3"})
+    assert store.fetch("training/x/a b+c.dcm").tag_count == 3  # scoring reads tags only when there are some
     with pytest.raises(NotFound, match="HTTP 404"):
         store.fetch("training/x/missing.dcm")
 
@@ -172,7 +175,7 @@ def test_transient_faults_are_retried_and_then_unavailable(store, make_settings,
     store.put("training/x/a.dcm", b"payload" * 100)
     once = Faults({fault: 1.0}, match=lambda method, path: "a.dcm" in path and not once.injected)
     with fault_proxy(s3_endpoint, once) as proxy:
-        assert through(store, proxy, make_settings).fetch("training/x/a.dcm") == b"payload" * 100
+        assert through(store, proxy, make_settings).fetch("training/x/a.dcm").body == b"payload" * 100
     assert once.injected[fault] == 1
 
     always = Faults({fault: 1.0}, match=lambda method, path: "a.dcm" in path)
@@ -183,3 +186,75 @@ def test_transient_faults_are_retried_and_then_unavailable(store, make_settings,
             with pytest.raises(StoreUnavailable, match="after 3 attempts"):
                 read("training/x/a.dcm")
     assert always.injected[fault] == 3 * len(reads)  # s3_max_attempts each, boto3 calls and presigned reads
+
+
+def test_signed_writes_keep_keys_types_and_tag_values(store) -> None:
+    """Sidecars and tags go through mmpipe's own SigV4-signed PUTs: any key, type and tag value S3 takes."""
+    key = "results/v1/incoming/Ström ü 100%+1 (copy)#2.dcm.json"
+    store.put(key, b'{"ok": true}', "application/json")
+    assert store.get(key) == b'{"ok": true}'
+    assert store._client.head_object(Bucket=store.bucket, Key=key)["ContentType"] == "application/json"
+    tags = {
+        "mmpipe-review-reason": "low_confidence+header_disagrees",
+        "site": "Ward 3/B: x@y = z.",
+        "long": "v" * 300,
+    }
+    store.set_tags(key, tags)
+    assert store.get_tags(key) == tags | {"long": "v" * 256}  # S3's limit on a tag value
+    store.set_tags(key, {})
+    assert store.get_tags(key) == {}
+
+
+@pytest.mark.parametrize("fault", ["503", "reset"])
+def test_signed_write_faults_are_retried_then_unavailable(store, make_settings, s3_endpoint, fault) -> None:
+    store.put("incoming/a.dcm", b"original")
+    once = Faults({fault: 1.0}, match=lambda method, path: method == "PUT" and not once.injected)
+    with fault_proxy(s3_endpoint, once) as proxy:
+        through(store, proxy, make_settings).set_tags("incoming/a.dcm", {"k": "v"})
+    assert once.injected[fault] == 1 and store.get_tags("incoming/a.dcm") == {"k": "v"}
+
+    always = Faults({fault: 1.0}, match=lambda method, path: method == "PUT")
+    with fault_proxy(s3_endpoint, always) as proxy:
+        flaky = through(store, proxy, make_settings)
+        with pytest.raises(StoreUnavailable, match="after 3 attempts"):
+            flaky.set_tags("incoming/a.dcm", {"k": "w"})
+        with pytest.raises(StoreUnavailable, match="after 3 attempts"):
+            flaky.put("results/a.json", b"{}")
+    assert always.injected[fault] == 6
+    assert store.get_tags("incoming/a.dcm") == {"k": "v"} and store.get("incoming/a.dcm") == b"original"
+
+
+def test_a_refused_write_is_access_denied(store, make_settings, s3_endpoint) -> None:
+    every_write = Faults({"403": 1.0}, match=lambda method, path: method == "PUT")
+    with fault_proxy(s3_endpoint, every_write) as proxy, pytest.raises(AccessDenied, match="access denied"):
+        through(store, proxy, make_settings).set_tags("incoming/a.dcm", {"k": "v"})
+    assert every_write.injected["403"] == 1
+
+
+def test_signatures_pass_a_store_that_checks_them(tmp_path, make_settings) -> None:
+    """Every request path (boto3 calls, presigned reads, signed writes) against a store that checks
+    signatures, as AWS S3 and MinIO do; a wrong secret is refused on each."""
+    keys = {"s3_access_key_id": "hospital", "s3_secret_access_key": "right-secret"}
+    server = embedded.start(tmp_path / "checked", identity=keys)
+    try:
+        good = open_store(make_settings(s3_endpoint_url=server.endpoint, **keys))
+        good.ensure_bucket()
+        good.put("incoming/a b.dcm", b"original")
+        good.set_tags("incoming/a b.dcm", {"k": "v"})
+        assert good.fetch("incoming/a b.dcm") == (b"original", 1)
+        assert good.get_tags("incoming/a b.dcm") == {"k": "v"}
+        assert [o.key for o in good.list("incoming/")] == ["incoming/a b.dcm"]
+        assert good.head("incoming/a b.dcm") is not None
+        wrong = open_store(make_settings(s3_endpoint_url=server.endpoint, s3_bucket=good.bucket,
+                                         **(keys | {"s3_secret_access_key": "not-the-secret"})))  # fmt: skip
+        for attempt in (
+            lambda: wrong.put("results/a.json", b"{}"),
+            lambda: wrong.set_tags("incoming/a b.dcm", {"k": "w"}),
+            lambda: wrong.fetch("incoming/a b.dcm"),
+            lambda: wrong.head("incoming/a b.dcm"),
+        ):
+            with pytest.raises(AccessDenied):
+                attempt()
+        assert good.get_tags("incoming/a b.dcm") == {"k": "v"} and good.head("results/a.json") is None
+    finally:
+        embedded.stop(server)

@@ -1,4 +1,4 @@
-"""The bulk-read HTTP path (mmpipe.store.Getter) against a local HTTP server that misbehaves on cue."""
+"""The direct HTTP path (mmpipe.store.DirectHttp) against a local HTTP server that misbehaves on cue."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from http.server import BaseHTTPRequestHandler
 import pytest
 
 from mmpipe import store
-from mmpipe.store import BACKOFF_CAP, GetFailed, Getter, backoff
+from mmpipe.store import BACKOFF_CAP, DirectHttp, HttpFailed, backoff
 from tests.faults.proxy import LocalServer
 
 
@@ -74,7 +74,7 @@ def server() -> Iterator[_Server]:
 
 
 def test_keeps_one_connection_and_sends_path_and_query(server) -> None:
-    getter = Getter()
+    getter = DirectHttp()
     assert getter.get(server.url + "/bucket/a%20b.dcm?X-Sig=1&Y=2") == b"ok"
     conn = getter._route("http", f"127.0.0.1:{server.server_port}").conn
     assert getter.get(server.url + "/bucket/c.dcm") == b"ok"
@@ -92,7 +92,7 @@ def test_retries_server_errors_and_throttling_then_succeeds(server) -> None:
         (429, b""),
         (400, b"<Error><Code>RequestTimeout</Code></Error>"),
     ]
-    assert Getter().get(server.url + "/k") == b"ok"
+    assert DirectHttp().get(server.url + "/k") == b"ok"
     assert len(server.requests) == 5
 
 
@@ -101,8 +101,8 @@ def test_retries_server_errors_and_throttling_then_succeeds(server) -> None:
 )
 def test_client_errors_fail_at_once_with_the_s3_code(server, status, code) -> None:
     server.script = [(status, f"<Error><Code>{code}</Code></Error>".encode())]
-    with pytest.raises(GetFailed, match=f"HTTP {status} {code}") as exc:
-        Getter().get(server.url + "/k")
+    with pytest.raises(HttpFailed, match=f"HTTP {status} {code}") as exc:
+        DirectHttp().get(server.url + "/k")
     assert (exc.value.status, exc.value.code, exc.value.transient, exc.value.refused) == (
         status,
         code,
@@ -114,14 +114,14 @@ def test_client_errors_fail_at_once_with_the_s3_code(server, status, code) -> No
 
 def test_gives_up_after_the_configured_attempts(server) -> None:
     server.script = [(503, SLOW_DOWN)] * 10
-    with pytest.raises(GetFailed, match="HTTP 503 SlowDown") as exc:
-        Getter(attempts=3).get(server.url + "/k")
+    with pytest.raises(HttpFailed, match="HTTP 503 SlowDown") as exc:
+        DirectHttp(attempts=3).get(server.url + "/k")
     assert exc.value.transient and len(server.requests) == 3
 
 
 def test_a_body_cut_short_is_retried(server) -> None:
     server.truncate = 1  # the first answer promises more bytes than it sends, then the connection closes
-    assert Getter().get(server.url + "/k") == b"ok"
+    assert DirectHttp().get(server.url + "/k") == b"ok"
     assert len(server.requests) == 2
 
 
@@ -133,7 +133,7 @@ def test_backoff_is_jittered_exponential_and_capped() -> None:
 
 def test_reconnects_when_the_server_closes_a_kept_connection(server) -> None:
     server.close_after_each = True
-    getter = Getter()
+    getter = DirectHttp()
     assert [getter.get(server.url + f"/{i}") for i in range(3)] == [b"ok"] * 3
 
 
@@ -141,13 +141,13 @@ def test_refused_connection_is_reported_as_such() -> None:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]  # bound, not listening: connections are refused
-        with pytest.raises(GetFailed) as exc:
-            Getter().get(f"http://127.0.0.1:{port}/k")
+        with pytest.raises(HttpFailed) as exc:
+            DirectHttp().get(f"http://127.0.0.1:{port}/k")
     assert exc.value.refused
 
 
 def test_threads_and_forked_processes_never_share_a_connection(server) -> None:
-    getter = Getter()
+    getter = DirectHttp()
     address = ("http", f"127.0.0.1:{server.server_port}")
     getter.get(server.url + "/parent")
     parent_conn = getter._route(*address).conn
@@ -180,7 +180,7 @@ def no_proxy_env(monkeypatch) -> None:
 
 def test_plain_http_goes_through_the_configured_proxy(server, monkeypatch, no_proxy_env) -> None:
     monkeypatch.setenv("http_proxy", f"http://reader:p%40ss@127.0.0.1:{server.server_port}")
-    assert Getter().get("http://store.hospital.invalid:9000/bucket/k.dcm?X-Sig=1") == b"ok"
+    assert DirectHttp().get("http://store.hospital.invalid:9000/bucket/k.dcm?X-Sig=1") == b"ok"
     assert server.requests == ["http://store.hospital.invalid:9000/bucket/k.dcm?X-Sig=1"]
     assert server.proxy_auth == ["Basic " + base64.b64encode(b"reader:p@ss").decode()]
 
@@ -188,7 +188,7 @@ def test_plain_http_goes_through_the_configured_proxy(server, monkeypatch, no_pr
 def test_no_proxy_exempts_the_endpoint(server, monkeypatch, no_proxy_env) -> None:
     monkeypatch.setenv("http_proxy", "http://127.0.0.1:9")  # nothing listens there
     monkeypatch.setenv("no_proxy", "127.0.0.1")
-    assert Getter().get(server.url + "/k") == b"ok"
+    assert DirectHttp().get(server.url + "/k") == b"ok"
 
 
 class _Tunnel(socketserver.ThreadingTCPServer):
@@ -256,12 +256,12 @@ def test_https_tunnels_through_the_proxy_and_trusts_the_configured_ca(
     try:
         monkeypatch.setenv("https_proxy", f"http://127.0.0.1:{tunnel.server_address[1]}")
         url = f"https://localhost:{srv.server_port}/bucket/k.dcm?X-Sig=1"
-        getter = Getter(ca)
+        getter = DirectHttp(ca)
         assert [getter.get(url), getter.get(url)] == [b"ok", b"ok"]  # one tunnel, kept alive
         assert tunnel.connects == [f"localhost:{srv.server_port}"]
         assert srv.requests == ["/bucket/k.dcm?X-Sig=1"] * 2
-        with pytest.raises(GetFailed, match="SSLCertVerificationError"):
-            Getter().get(url)  # the public CA bundle does not vouch for the hospital's CA
+        with pytest.raises(HttpFailed, match="SSLCertVerificationError"):
+            DirectHttp().get(url)  # the public CA bundle does not vouch for the hospital's CA
     finally:
         tunnel.shutdown()
         tunnel.server_close()
