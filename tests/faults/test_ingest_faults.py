@@ -14,7 +14,6 @@ import os
 import random
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -28,11 +27,11 @@ from tests.faults.proxy import Faults, fault_proxy
 from tests.faults.workload import (
     PREFIX,
     assert_recovered,
-    child_settings,
     first_run,
     in_background,
     recovery,
     serves,
+    start_run,
     terminate_backends,
     wait_for,
 )
@@ -40,21 +39,9 @@ from tests.faults.workload import (
 pytestmark = pytest.mark.integration
 
 BATCH = 8
-CHILD = """
-import json, pathlib, sys, time
-from mmpipe import ingest
-from mmpipe.catalog import open_catalog
-from mmpipe.config import get_settings
-from mmpipe.store import open_store
-settings = get_settings(**json.loads(sys.argv[1]))
-store, catalog = open_store(settings), open_catalog(settings)
-if len(sys.argv) > 4:  # start when told: runs started together really overlap
-    sync = pathlib.Path(sys.argv[4])
-    (sync / sys.argv[2]).touch()
-    while not (sync / "go").exists():
-        time.sleep(0.01)
-ingest.run(settings, store, catalog, sys.argv[2], batch_size=int(sys.argv[3]))
-"""
+INGEST = (
+    "from mmpipe import ingest\ningest.run(settings, store, catalog, run_id, batch_size=extra['batch'])\n"
+)
 
 
 def night(settings, store, catalog, run_id: str = "night") -> Callable[[], dict]:
@@ -76,12 +63,7 @@ def committed(catalog) -> int:
 
 
 def start_child(settings, run_id: str, *sync: Path) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "-c", CHILD, child_settings(settings), run_id, str(BATCH), *map(str, sync)],
-        env={**os.environ, "HF_HUB_OFFLINE": "1"},
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    return start_run(settings, run_id, INGEST, {"batch": BATCH}, *sync)
 
 
 # --------------------------------------------------------------------------- the store

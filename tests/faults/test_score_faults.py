@@ -16,7 +16,6 @@ import os
 import random
 import signal
 import subprocess
-import sys
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -32,11 +31,11 @@ from tests.faults.proxy import Faults, fault_proxy
 from tests.faults.workload import (
     SCORE_PREFIX,
     assert_score_recovered,
-    child_settings,
     first_run,
     in_background,
     score_recovery,
     serves,
+    start_run,
     tags_consistent,
     terminate_backends,
     wait_for,
@@ -46,35 +45,15 @@ from tests.integration.test_score import register
 pytestmark = pytest.mark.integration
 
 FLUSH = 8  # catalog rows written every 8 objects: a fault can fall between two flushes
-CHILD = """
-import json, pathlib, sys, time
-from mmpipe import score
-from mmpipe.catalog import open_catalog
-from mmpipe.config import get_settings
-from mmpipe.errors import StoreError
-from mmpipe.store import open_store
-score.FLUSH_OBJECTS = int(sys.argv[3])
-model_version = sys.argv[4]
-settings = get_settings(**json.loads(sys.argv[1]))
-store, catalog = open_store(settings), open_catalog(settings)
-if len(sys.argv) > 5:  # start when told: runs started together really overlap
-    sync = pathlib.Path(sys.argv[5])
-    (sync / sys.argv[2]).touch()
-    while not (sync / "go").exists():
-        time.sleep(0.01)
-print(json.dumps(score.run(settings, store, catalog, sys.argv[2], model_version=model_version)))
+SCORE = """from mmpipe import score
+score.FLUSH_OBJECTS = extra["flush"]
+print(json.dumps(score.run(settings, store, catalog, run_id, model_version=extra["model"])))
 """
 
 
 def start_child(settings, run_id: str, *sync: Path, model: str = "") -> subprocess.Popen:
     """A scoring run in a process of its own, as the CLI runs it (of the champion unless ``model``)."""
-    return subprocess.Popen(
-        [sys.executable, "-c", CHILD, child_settings(settings), run_id, str(FLUSH), model, *map(str, sync)],
-        env={**os.environ, "HF_HUB_OFFLINE": "1"},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    return start_run(settings, run_id, SCORE, {"flush": FLUSH, "model": model}, *sync)
 
 
 def night(settings, store, catalog, run_id: str = "night") -> Callable[[], dict]:

@@ -12,6 +12,9 @@ model, the hospital's kept), no transient fault turned into a verdict.
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import threading
 import time
 from collections import Counter, defaultdict
@@ -133,6 +136,41 @@ def wait_for(condition: Callable[[], bool], timeout: float = 180) -> None:
     while not condition():
         assert time.monotonic() < deadline, "the run never got there"
         time.sleep(0.02)
+
+
+CHILD_SETUP = """
+import json, pathlib, sys, time
+from mmpipe.catalog import open_catalog
+from mmpipe.config import get_settings
+from mmpipe.store import open_store
+settings = get_settings(**json.loads(sys.argv[1]))
+run_id, extra, sync = sys.argv[2], json.loads(sys.argv[3]), sys.argv[4:]
+store, catalog = open_store(settings), open_catalog(settings)
+if sync:  # start when told: runs started together really overlap
+    (pathlib.Path(sync[0]) / run_id).touch()
+    while not (pathlib.Path(sync[0]) / "go").exists():
+        time.sleep(0.01)
+"""
+
+
+def start_run(settings: Settings, run_id: str, work: str, extra: dict, *sync: Path) -> subprocess.Popen:
+    """A run in a process of its own, as the CLI runs it: ``work`` is Python that sees ``settings``,
+    ``store``, ``catalog``, ``run_id`` and ``extra``; with ``sync`` (a folder) it starts on ``go``."""
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            CHILD_SETUP + work,
+            child_settings(settings),
+            run_id,
+            json.dumps(extra),
+            *map(str, sync),
+        ],
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def child_settings(settings: Settings) -> str:
