@@ -1,9 +1,9 @@
 """The catalog and metrics database (PostgreSQL in production, SQLite for the embedded default).
 
-Schema lives in versioned SQL files ``sql/NNN_name.sql`` (``mmpipe/sql`` links to them), package data so that an installed
-wheel can migrate, applied in order by :func:`upgrade` and recorded in ``schema_migrations`` so
-re-running is a no-op. Everything else is
-thin: parameterised SQL, UPSERTs for idempotent tasks, one transaction per logical step.
+Schema lives in versioned SQL files ``sql/NNN_name.sql`` (``mmpipe/sql`` links to them), package
+data so that an installed wheel can migrate, applied in order by :func:`upgrade` and recorded in
+``schema_migrations`` so re-running is a no-op. Everything else is thin: parameterised SQL, UPSERTs
+for idempotent tasks, one transaction per logical step.
 
 A connection that drops mid-transaction (a database restart or failover, a terminated backend)
 rolled its transaction back: :meth:`Catalog.transaction` and the one-statement helpers run it
