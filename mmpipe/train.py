@@ -17,7 +17,7 @@ the same run id carries on from its last epoch and ends where an uninterrupted r
 Training reads only its plan: shards are read once into memory; each batch is augmented from the
 plan's per-class policies (each sample seeded from the plan seed, so every candidate sees the same
 images and reruns reproduce) and preprocessed as the model card says (the transform scoring
-replays), in a DataLoader worker process that overlaps the model's compute.
+replays), in the training process or in DataLoader workers (``train_loader_workers``).
 """
 
 from __future__ import annotations
