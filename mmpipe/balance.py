@@ -3,9 +3,8 @@
 Following the paper, minority classes are brought up to the target count by augmented copies and
 majority classes are subsampled, so classes reach about equal counts (per-class targets may
 override). Augmentation policies are per class (defaults from the paper's Table I, rotations of
-30/60 degrees from its text), expressed with torchvision.transforms.v2 and applied on the fly by
-training, each augmented sample seeded from (plan seed, epoch, plan position): every candidate of
-a plan sees the same augmented images. The plan is deterministic: the same members, policies,
+30/60 degrees from its text), applied on the fly by training, each augmented sample seeded from
+(plan seed, epoch, plan position): every candidate of a plan sees the same augmented images. The plan is deterministic: the same members, policies,
 preprocessing and seed give the same plan and the same version hash.
 """
 
@@ -16,6 +15,7 @@ import json
 import random
 from collections import Counter, defaultdict
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from statistics import median
 from typing import Any
 
@@ -90,34 +90,64 @@ def resolve_policies(classes: Sequence[str], overrides: Mapping[str, Sequence[st
     return {c: [canonical_op(op) for op in overrides.get(c, DEFAULT_POLICIES.get(c, ()))] for c in classes}
 
 
-class _Clahe(torch.nn.Module):
-    def __init__(self, clip_limit: float):
-        super().__init__()
-        self.clip_limit = clip_limit
+@dataclass(frozen=True)
+class Policy:
+    """One class's augmentation policy, parsed once: what :func:`augment_batch` draws and applies."""
 
-    def forward(self, image: torch.Tensor) -> torch.Tensor:
-        from mmpipe.modelcard import clahe
-
-        return clahe(image, self.clip_limit)
+    ops: tuple[tuple[str, tuple[float, ...]], ...]
 
 
-def augmenter(ops: Sequence[str]) -> Any:
-    """A torchvision v2 transform for one class's policy (identity for an empty policy)."""
-    from torchvision.transforms import v2
+def augmenter(ops: Sequence[str]) -> Policy:
+    """The parsed policy of one class (an empty policy leaves its images as they are)."""
+    return Policy(tuple(parse_op(op) for op in ops))
 
-    steps = []
-    for name, args in (parse_op(op) for op in ops):
-        if name == "hflip":
-            steps.append(v2.RandomHorizontalFlip(p=args[0]))
-        elif name == "vflip":
-            steps.append(v2.RandomVerticalFlip(p=args[0]))
-        elif name == "rotate":
-            steps.append(v2.RandomChoice([v2.RandomRotation((s * a, s * a)) for a in args for s in (-1, 1)]))
+
+@dataclass
+class _Draws:
+    """Per-sample parameters of a batch's augmented samples (index into the batch)."""
+
+    hflip: list[int] = field(default_factory=list)
+    vflip: list[int] = field(default_factory=list)
+    warp: list[tuple[int, float, float]] = field(default_factory=list)  # (index, degrees, zoom)
+    clahe: list[tuple[int, float]] = field(default_factory=list)  # (index, clip limit)
+
+
+def _draw(policy: Policy, rng: random.Random, i: int, draws: _Draws) -> None:
+    """One sample's parameters, one uniform per op in policy order."""
+    degrees, zoom = 0.0, 1.0
+    for name, args in policy.ops:
+        u = rng.random()
+        if name == "hflip" and u < args[0]:
+            draws.hflip.append(i)
+        elif name == "vflip" and u < args[0]:
+            draws.vflip.append(i)
+        elif name == "rotate":  # one of the configured angles, either sign
+            choice = min(int(u * 2 * len(args)), 2 * len(args) - 1)
+            degrees = args[choice // 2] * (1 if choice % 2 else -1)
         elif name == "zoom":
-            steps.append(v2.RandomAffine(degrees=0, scale=(1.0, args[0])))
-        else:
-            steps.append(v2.RandomApply([_Clahe(args[0])], p=0.5))
-    return v2.Compose(steps) if steps else v2.Identity()
+            zoom = 1.0 + u * (args[0] - 1.0)
+        elif name == "clahe" and u < 0.5:
+            draws.clahe.append((i, args[0]))
+    if degrees or zoom != 1.0:
+        draws.warp.append((i, degrees, zoom))
+
+
+def _warp(images: torch.Tensor, degrees: torch.Tensor, zoom: torch.Tensor) -> torch.Tensor:
+    """Rotate by ``degrees`` and zoom in by ``zoom`` about the centre, nearest neighbour, zero fill:
+    uint8 (B, H, W) in one gather. Element-wise float64 arithmetic, so a sample's pixels do not
+    depend on the other samples of the batch."""
+    b, h, w = images.shape
+    rad = torch.deg2rad(degrees.double()).view(-1, 1, 1)
+    cos, sin = rad.cos() / zoom.view(-1, 1, 1), rad.sin() / zoom.view(-1, 1, 1)
+    cy, cx = (h - 1) / 2, (w - 1) / 2
+    dy = (torch.arange(h, dtype=torch.float64) - cy).view(1, -1, 1)
+    dx = (torch.arange(w, dtype=torch.float64) - cx).view(1, 1, -1)
+    sx = (cx + cos * dx + sin * dy).round()
+    sy = (cy - sin * dx + cos * dy).round()
+    inside = (sx >= 0) & (sx <= w - 1) & (sy >= 0) & (sy <= h - 1)
+    index = (sy.clamp(0, h - 1) * w + sx.clamp(0, w - 1)).long().view(b, -1)
+    out = images.reshape(b, -1).gather(1, index).view(b, h, w)
+    return out * inside
 
 
 def sample_seed(seed: int, epoch: int, position: int) -> int:
@@ -127,20 +157,32 @@ def sample_seed(seed: int, epoch: int, position: int) -> int:
 
 
 def augment_batch(
-    images: torch.Tensor, entries: Sequence[dict], positions: Sequence[int], transforms: Mapping[str, Any],
+    images: torch.Tensor, entries: Sequence[dict], positions: Sequence[int], policies: Mapping[str, Policy],
     seed: int, epoch: int,
 ) -> torch.Tensor:  # fmt: skip
     """Apply each augmented entry's class policy to its uint8 image (B, H, W), deterministically.
 
-    Every sample draws from its own generator (:func:`sample_seed`), so the result depends neither on
-    batch composition nor on whatever else consumed the global RNG.
+    Every sample draws its parameters from its own generator (:func:`sample_seed`), so the result
+    depends neither on batch composition nor on the global RNG; the work is then batched (this runs
+    beside the model on the same cores): flips, then rotation and zoom in one resampling, then CLAHE.
     """
-    out = images.clone()
+    draws = _Draws()
     for i, (entry, position) in enumerate(zip(entries, positions, strict=True)):
         if entry["augment"]:
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(sample_seed(seed, epoch, position))
-                out[i] = transforms[entry["label"]](images[i : i + 1])[0]
+            _draw(policies[entry["label"]], random.Random(sample_seed(seed, epoch, position)), i, draws)
+    out = images.clone()
+    if draws.hflip:
+        out[draws.hflip] = out[draws.hflip].flip(-1)
+    if draws.vflip:
+        out[draws.vflip] = out[draws.vflip].flip(-2)
+    if draws.warp:
+        index, degrees, zoom = zip(*draws.warp, strict=True)
+        out[list(index)] = _warp(out[list(index)], torch.tensor(degrees), torch.tensor(zoom))
+    if draws.clahe:
+        from mmpipe.modelcard import clahe
+
+        for i, clip_limit in draws.clahe:
+            out[i] = clahe(out[i], clip_limit)
     return out
 
 

@@ -154,10 +154,20 @@ def plot_reliability(
     return _png(fig)
 
 
+def stage_two_start(epochs: Sequence[dict[str, Any]]) -> int | None:
+    """The first epoch trained in stage 2 (progressive unfreezing at ``lr_finetune``), as recorded in
+    ``epoch_metrics``; None when the run never left stage 1. Pure."""
+    return next((e["epoch"] for e in epochs if e["stage"] == 2), None)
+
+
 def plot_training_curves(epochs: Sequence[dict[str, Any]], title: str) -> bytes:
-    """Loss (train, validation) and validation macro-F1 per epoch, from ``epoch_metrics``."""
+    """Loss (train, validation) and validation macro-F1 per epoch, from ``epoch_metrics``, with a line
+    where stage 2 begins: a reader sees which part of the curve is the fine-tuning."""
     fig, ax = _figure(7, 4.5)
     x = [e["epoch"] for e in epochs]
+    start = stage_two_start(epochs)
+    if start is not None:
+        ax.axvline(start - 0.5, color="grey", linestyle=":", label=f"stage 2 (from epoch {start})")
     ax.plot(x, [e["train_loss"] for e in epochs], "o-", label="train loss")
     ax.plot(x, [e["val_loss"] for e in epochs], "o-", label="validation loss")
     ax.set_xlabel("epoch")

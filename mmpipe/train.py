@@ -17,7 +17,7 @@ the same run id carries on from its last epoch and ends where an uninterrupted r
 Training reads only its plan: shards are read once into memory; each batch is augmented from the
 plan's per-class policies (each sample seeded from the plan seed, so every candidate sees the same
 images and reruns reproduce) and preprocessed as the model card says (the transform scoring
-replays), in a DataLoader worker process that overlaps the model's compute.
+replays), in the training process or in DataLoader workers (``train_loader_workers``).
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -170,9 +171,20 @@ class _EpochKeys(Sampler):
         return self.per_epoch
 
 
+#: Niceness of loader workers: their few milliseconds per batch fill the gaps of the model's threads
+#: instead of preempting one (on a 2-core machine a preempted intra-op thread stalls the whole op at
+#: its barrier), while a batch still comes well within a step's time on a loaded machine.
+LOADER_NICENESS = 10
+
+
+def _yield_to_training(worker_id: int) -> None:
+    os.nice(LOADER_NICENESS)
+
+
 class TrainLoader:
     """The run's batches, epoch by epoch, from one DataLoader: ``workers`` > 0 processes prepare them
-    while the model computes, and stay up across epochs (no start-up cost per epoch)."""
+    while the model computes, at a lower priority, and stay up across epochs (no start-up cost per
+    epoch)."""
 
     def __init__(self, batches: PlanBatches, workers: int, device: torch.device) -> None:
         self._keys = _EpochKeys(batches.per_epoch())
@@ -184,6 +196,7 @@ class TrainLoader:
             persistent_workers=workers > 0,
             pin_memory=device.type == "cuda",
             prefetch_factor=2 if workers else None,
+            worker_init_fn=_yield_to_training if workers else None,
         )
 
     def epoch(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

@@ -15,6 +15,7 @@ from safetensors.torch import load as load_safetensors
 
 from mmpipe import checkpoints, dataset, ingest, pipeline, synth, weights
 from mmpipe.errors import ConfigError
+from mmpipe.evaluate import stage_two_start
 from mmpipe.models import backbone_blocks, create_model, export_reference_weights, weights_fingerprint
 from mmpipe.train import Candidate, train_candidate
 from tests.conftest import export_env
@@ -62,6 +63,7 @@ def test_pretrained_two_stages_keep_frozen_blocks_and_record_recipe_and_calibrat
         t=result["training_run_id"],
     )
     assert [(e["stage"], e["lr"]) for e in epochs] == [(1, 1e-3), (1, 1e-3), (2, 1e-4), (2, 1e-4)]
+    assert stage_two_start(epochs) == 2  # the training-curves PNG marks stage 2 from this epoch on
     run = catalog.query(
         "SELECT * FROM training_runs WHERE training_run_id = :t", t=result["training_run_id"]
     )[0]

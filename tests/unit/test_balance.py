@@ -249,11 +249,19 @@ def test_flip_policy_produces_exact_flips():
 
 
 def test_rotation_uses_the_configured_angles_only():
-    from torchvision.transforms import v2
+    x = images(1)
+    entry = [{"label": "lung_ct", "augment": True}]
+    policy = transforms({"lung_ct": ["rotate:90"]})
+    seen = {bytes(balance.augment_batch(x, entry, [p], policy, 0, 0).numpy()) for p in range(12)}
+    assert seen == {bytes(torch.rot90(x, k, dims=(-2, -1)).numpy()) for k in (1, -1)}  # +-90, exactly
 
-    (rotate,) = balance.augmenter(["rotate:15"]).transforms
-    assert isinstance(rotate, v2.RandomChoice)
-    assert sorted(t.degrees[0] for t in rotate.transforms) == [-15, 15]
+
+def test_zoom_enlarges_about_the_centre():
+    x = torch.zeros(1, 48, 48, dtype=torch.uint8)
+    x[:, 20:28, 20:28] = 255  # a centred square
+    entry = [{"label": "lung_ct", "augment": True}]
+    out = balance.augment_batch(x, entry, [0], transforms({"lung_ct": ["zoom:2"]}), 0, 0)
+    assert int((out > 0).sum()) > int((x > 0).sum()) and out[0, 24, 24] == 255
 
 
 def test_clahe_op_enhances_a_low_contrast_image():

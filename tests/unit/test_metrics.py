@@ -50,3 +50,11 @@ def test_ece_zero_when_confidence_equals_accuracy() -> None:
     assert table == [(0.75, 0.75, 4)]
     overconfident, _ = expected_calibration_error(np.array([[0.95, 0.05]] * 4), np.array([0, 1, 1, 1]))
     assert overconfident == pytest.approx(0.7)
+
+
+def test_stage_two_marker_is_the_first_epoch_recorded_in_stage_two() -> None:
+    from mmpipe.evaluate import stage_two_start
+
+    two = [{"epoch": e, "stage": s} for e, s in enumerate([1, 1, 1, 2, 2])]
+    assert stage_two_start(two) == 3
+    assert stage_two_start(two[:3]) is None  # stopped in stage 1: no marker
