@@ -29,6 +29,8 @@ import gc
 import io
 import json
 import logging
+import os
+import resource
 import tempfile
 import time
 import uuid
@@ -187,6 +189,18 @@ def register_champion(settings: Settings, store: Store, catalog: Any) -> tuple[s
     return "bench-1", card_uri
 
 
+def cpu_seconds(store_pid: int) -> dict[str, float]:
+    """CPU seconds so far of this process, its ended child processes (decode and writer pools) and
+    the store server (Linux /proc; 0 elsewhere): where a scoring run's CPU goes on a shared machine."""
+    own, ended = os.times(), resource.getrusage(resource.RUSAGE_CHILDREN)
+    try:
+        fields = Path(f"/proc/{store_pid}/stat").read_text().rsplit(")", 1)[1].split()
+        server = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+    except (OSError, IndexError, ValueError):
+        server = 0.0
+    return {"scoring": own.user + own.system, "helpers": ended.ru_utime + ended.ru_stime, "store": server}
+
+
 def bare_forward(scorer: Any, images: int, size: int) -> float:
     """Images/s of the model alone on ready, preprocessed tensors (channels_last, scoring's batch)."""
     import torch
@@ -296,10 +310,15 @@ def bench_score(objects: int, workdir: Path) -> dict[str, Any]:
 
         cams = gradcam_rate(scorer, CANONICAL_SIZE)
         print(f"Grad-CAM of a flagged image: {cams:.1f} images/s")
+        before = cpu_seconds(server.pid)
         summary, mmpipe_s = _timed(lambda: score.run(settings, store, catalog, "bench-score"))
+        cpu = {k: round(1000 * (v - before[k]) / objects, 2) for k, v in cpu_seconds(server.pid).items()}
         if summary["tagged"] + summary["unknown"] != objects:
             raise MmpipeError(f"bench corpus not fully scored: {json.dumps(summary)}")
         print(f"mmpipe score: {objects} objects in {mmpipe_s:.1f} s = {objects / mmpipe_s:.1f} images/s")
+        print(f"CPU per object: scoring process {cpu['scoring']:.2f} ms (the model alone: {1000 / forward:.2f} ms), "
+              f"decode and writer processes {cpu['helpers']:.2f} ms, store server {cpu['store']:.2f} ms, "
+              f"on {os.cpu_count()} cores")  # fmt: skip
         _, naive_store, _ = sides["naive"]
         done, naive_s = _timed(
             lambda: naive_score(naive_store, scorer, score.INCOMING_PREFIX, CANONICAL_SIZE)
@@ -328,6 +347,7 @@ def bench_score(objects: int, workdir: Path) -> dict[str, Any]:
         "naive_per_s": round(naive_rate, 2),
         "vs_forward": round(rate / forward, 3),
         "vs_naive": round(rate / naive_rate, 2),
+        "cpu_ms_per_object": cpu,
         "gradcam_per_s": round(cams, 2),
         "store_listing_100k_s": round(store_100k, 2),
         "listing_100k_watermark_s": round(cost["watermark"], 3),

@@ -202,7 +202,8 @@ def logits(
     device = next(model.parameters()).device
     out = []
     for start in range(0, len(images), batch_size):
-        batch = torch.from_numpy(np.ascontiguousarray(images[start : start + batch_size])).to(device)
+        # writable too: torch warns on (and may not write into) a read-only array, e.g. one PIL made
+        batch = torch.from_numpy(np.require(images[start : start + batch_size], requirements="CW")).to(device)
         with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
             out.append(model(preprocess_for(card, batch)).float().cpu().numpy())
     return np.concatenate(out) if out else np.zeros((0, len(card.classes)), dtype=np.float32)
