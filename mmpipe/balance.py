@@ -4,8 +4,9 @@ Following the paper, minority classes are brought up to the target count by augm
 majority classes are subsampled, so classes reach about equal counts (per-class targets may
 override). Augmentation policies are per class (defaults from the paper's Table I, rotations of
 30/60 degrees from its text), applied on the fly by training, each augmented sample seeded from
-(plan seed, epoch, plan position): every candidate of a plan sees the same augmented images. The plan is deterministic: the same members, policies,
-preprocessing and seed give the same plan and the same version hash.
+(plan seed, epoch, plan position): every candidate of a plan sees the same augmented images. The
+plan is deterministic: the same members, policies, preprocessing and seed give the same plan and
+the same version hash.
 """
 
 from __future__ import annotations

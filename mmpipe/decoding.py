@@ -359,16 +359,14 @@ class Fetcher:
     the module doc.
     """
 
-    def __init__(
-        self, settings: Settings, store: Store, context: DecodeContext, objects: int, local: bool = False
-    ):
-        """``local``: ``store`` reads local files (anything with ``fetch(key)``), shared with the processes."""
+    def __init__(self, settings: Settings, store: Store, context: DecodeContext, objects: int):
+        """``store``: anything with ``fetch(key)`` (local files too), shared with the decode processes:
+        its direct requests open a connection per process (:func:`_worker_start`)."""
         processes = decode_processes(settings)
         self.processes = min(processes, max(objects, 1))
         self.store, self.context = store, context
         self.timeout = settings.decode_timeout_seconds  # enforced in decode processes only
         if processes > 1:
-            self.worker_store = store  # its direct requests open a connection per process (_worker_start)
             self.pool = self._process_pool()
         else:
             self.pool = ThreadPoolExecutor(settings.ingest_workers)
@@ -378,7 +376,7 @@ class Fetcher:
             self.processes,
             mp_context=multiprocessing.get_context("fork"),
             initializer=_worker_start,
-            initargs=(self.worker_store, self.context, os.getpid()),
+            initargs=(self.store, self.context, os.getpid()),
         )
 
     def __enter__(self) -> Fetcher:
@@ -437,7 +435,7 @@ class Fetcher:
             for obj in objects[start : start + self.processes]:
                 receive, send = context.Pipe(duplex=False)
                 process = context.Process(
-                    target=_isolated_worker, args=(self.worker_store, self.context, os.getpid(), obj, send)
+                    target=_isolated_worker, args=(self.store, self.context, os.getpid(), obj, send)
                 )
                 process.start()
                 send.close()

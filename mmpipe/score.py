@@ -856,7 +856,7 @@ def score_objects(
     context = decode_context(settings, scorer.card)
     with (
         Writer(settings, store, scorer.card, dry=local is not None) as writer,
-        Fetcher(settings, local or store, context, len(objects), local=local is not None) as fetcher,
+        Fetcher(settings, local or store, context, len(objects)) as fetcher,
     ):
         # two inference batches ahead: the decode processes keep working while the model runs
         window = max(2 * fetcher.processes, 2 * INFER_BATCH // PROCESS_CHUNK)
