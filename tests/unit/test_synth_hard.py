@@ -12,7 +12,7 @@ import pytest
 from sklearn.model_selection import GroupShuffleSplit
 
 from mmpipe import synth
-from mmpipe.bench import decode_corpus, split_inflation, thumbnail_scores
+from mmpipe.bench.synth import decode_corpus, split_inflation, thumbnail_scores
 
 N_IMAGES = 300
 
