@@ -1,15 +1,23 @@
-"""What the benches share: sizes, a fresh heap before each timing, throw-away settings."""
+"""What the benches share: sizes, a fresh heap before each timing, throw-away settings and seeded
+buckets, and the naive loops' decode."""
 
 from __future__ import annotations
 
 import gc
+import io
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import pydicom
+from PIL import Image
+
 from mmpipe.config import Settings, get_settings
+from mmpipe.store import Store, open_store
 
 SOURCE_SIZE = 64  # side of the synthetic DICOM images
 CANONICAL_SIZE = 64  # side both sides resize to
@@ -36,3 +44,27 @@ def bench_settings(home: Path, endpoint: str, **overrides: Any) -> Settings:
         image_size=CANONICAL_SIZE,
         **overrides,
     )
+
+
+def seeded_sides(
+    workdir: Path, endpoint: str, objects: Mapping[str, bytes], **overrides: Any
+) -> dict[str, tuple[Settings, Store]]:
+    """The naive and the mmpipe side: each its own settings and a fresh bucket holding ``objects``."""
+    sides = {}
+    for side in ("naive", "mmpipe"):
+        settings = bench_settings(workdir / side, endpoint, **overrides)
+        store = open_store(settings)
+        store.ensure_bucket()
+        with ThreadPoolExecutor(8) as pool:
+            list(pool.map(lambda item, s=store: s.put(*item), objects.items()))
+        sides[side] = (settings, store)
+    return sides
+
+
+def naive_pixels(body: bytes, size: int) -> np.ndarray:
+    """What a first script does with a DICOM object: ``dcmread`` -> ``pixel_array`` -> min-max scale
+    to uint8 -> bilinear resize to ``size``."""
+    pixels = pydicom.dcmread(io.BytesIO(body)).pixel_array.astype(np.float32)
+    lo, hi = float(pixels.min()), float(pixels.max())
+    scaled = ((pixels - lo) * (255.0 / max(hi - lo, 1e-6))).astype(np.uint8)
+    return np.asarray(Image.fromarray(scaled).resize((size, size), Image.Resampling.BILINEAR))

@@ -10,20 +10,17 @@ from __future__ import annotations
 
 import io
 import json
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pydicom
-from PIL import Image
 
 from mmpipe import decoding, embedded, ingest, synth
-from mmpipe.bench.common import CANONICAL_SIZE, SOURCE_SIZE, bench_settings, timed
+from mmpipe.bench.common import CANONICAL_SIZE, SOURCE_SIZE, naive_pixels, seeded_sides, timed
 from mmpipe.catalog import open_catalog, upgrade
 from mmpipe.errors import ConfigError, MmpipeError
 from mmpipe.progress import progress
-from mmpipe.store import Store, open_store
+from mmpipe.store import Store
 
 PREFIX = ingest.TRAINING_PREFIX
 
@@ -32,11 +29,7 @@ def naive_ingest(store: Store, prefix: str, size: int) -> int:
     """The baseline: one object at a time, one output file per image."""
     done = 0
     for obj in progress(store.list(prefix), desc="naive loop", unit="obj"):
-        ds = pydicom.dcmread(io.BytesIO(store.get(obj.key)))
-        pixels = ds.pixel_array.astype(np.float32)
-        lo, hi = float(pixels.min()), float(pixels.max())
-        scaled = ((pixels - lo) * (255.0 / max(hi - lo, 1e-6))).astype(np.uint8)
-        resized = np.asarray(Image.fromarray(scaled).resize((size, size), Image.Resampling.BILINEAR))
+        resized = naive_pixels(store.get(obj.key), size)
         buffer = io.BytesIO()
         np.save(buffer, resized)
         store.put(f"naive/{obj.key}.npy", buffer.getvalue())
@@ -51,14 +44,7 @@ def bench(objects: int, workdir: Path) -> dict[str, Any]:
     try:
         print(f"generating {objects} synthetic DICOM objects ({SOURCE_SIZE} px)...", flush=True)
         corpus = list(synth.generate(objects, size=SOURCE_SIZE, formats={"dicom": 1.0}, archive_fraction=0))
-        sides = {}
-        for side in ("naive", "mmpipe"):
-            settings = bench_settings(workdir / side, server.endpoint)
-            store = open_store(settings)
-            store.ensure_bucket()
-            with ThreadPoolExecutor(8) as pool:
-                list(pool.map(lambda o, s=store: s.put(PREFIX + o.key, o.body), corpus))
-            sides[side] = (settings, store)
+        sides = seeded_sides(workdir, server.endpoint, {PREFIX + o.key: o.body for o in corpus})
 
         _, naive_store = sides["naive"]
         done, naive_s = timed(lambda: naive_ingest(naive_store, PREFIX, CANONICAL_SIZE))

@@ -8,26 +8,22 @@ without the watermark.
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import resource
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pydicom
-from PIL import Image
 
 from mmpipe import embedded, synth
-from mmpipe.bench.common import CANONICAL_SIZE, SOURCE_SIZE, bench_settings, timed
+from mmpipe.bench.common import CANONICAL_SIZE, SOURCE_SIZE, naive_pixels, seeded_sides, timed
 from mmpipe.catalog import open_catalog, upgrade
 from mmpipe.config import Settings
 from mmpipe.errors import ConfigError, MmpipeError
 from mmpipe.progress import progress
-from mmpipe.store import Store, open_store
+from mmpipe.store import Store
 
 SCORE_BACKBONE = "resnet18"
 #: Header rules under which every class admits every header (the header check flags nothing).
@@ -115,10 +111,7 @@ def naive_score(store: Store, scorer: Any, prefix: str, size: int) -> int:
 
     done = 0
     for obj in progress(store.list(prefix), desc="naive loop", unit="obj"):
-        pixels = pydicom.dcmread(io.BytesIO(store.get(obj.key))).pixel_array.astype(np.float32)
-        lo, hi = float(pixels.min()), float(pixels.max())
-        scaled = ((pixels - lo) * (255.0 / max(hi - lo, 1e-6))).astype(np.uint8)
-        resized = np.asarray(Image.fromarray(scaled).resize((size, size), Image.Resampling.BILINEAR))
+        resized = naive_pixels(store.get(obj.key), size)
         probs = modelcard.predict(scorer.model, scorer.card, resized[None])[0]
         top = int(probs.argmax())
         store.put_tags(
@@ -160,22 +153,13 @@ def bench(objects: int, workdir: Path) -> dict[str, Any]:
     try:
         print(f"generating {objects} uncompressed synthetic DICOM objects ({SOURCE_SIZE} px)...", flush=True)
         corpus = score_corpus(objects, SOURCE_SIZE)
+        # Random weights are never confident and contradict every header: here, as under a good
+        # champion, nothing is flagged for review (each flagged image costs a Grad-CAM, measured apart).
+        objects_in = {f"{score.INCOMING_PREFIX}{n:06d}.dcm": body for n, body in enumerate(corpus)}
         sides = {}
-        for side in ("naive", "mmpipe"):
-            # Random weights are never confident and contradict every header: here, as under a good
-            # champion, nothing is flagged for review (each flagged image costs a Grad-CAM, measured apart).
-            settings = bench_settings(
-                workdir / side, server.endpoint, low_confidence=0.0, label_rules=NEUTRAL_RULES
-            )
-            store = open_store(settings)
-            store.ensure_bucket()
-            with ThreadPoolExecutor(8) as pool:
-                list(
-                    pool.map(
-                        lambda a, s=store: s.put(f"{score.INCOMING_PREFIX}{a[0]:06d}.dcm", a[1]),
-                        enumerate(corpus),
-                    )
-                )
+        for side, (settings, store) in seeded_sides(
+            workdir, server.endpoint, objects_in, low_confidence=0.0, label_rules=NEUTRAL_RULES
+        ).items():
             catalog = open_catalog(settings)
             upgrade(catalog)
             version, card_uri = register_champion(settings, store, catalog)
