@@ -178,12 +178,16 @@ def bench(objects: int, workdir: Path) -> dict[str, Any]:
         if summary["tagged"] + summary["unknown"] != objects:
             raise MmpipeError(f"bench corpus not fully scored: {json.dumps(summary)}")
         print(f"mmpipe score: {objects} objects in {mmpipe_s:.1f} s = {objects / mmpipe_s:.1f} images/s")
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        ceiling = cores * 1000 / sum(cpu.values())
         print(f"CPU per object: scoring process {cpu['scoring']:.2f} ms (the model alone: {1000 / forward:.2f} ms), "
-              f"decode and writer processes {cpu['helpers']:.2f} ms, store server {cpu['store']:.2f} ms, "
-              f"on {os.cpu_count()} cores")  # fmt: skip
+              f"decode and writer processes {cpu['helpers']:.2f} ms, store server {cpu['store']:.2f} ms; "
+              f"{cores} cores spending that much allow at most {ceiling:.1f} images/s "
+              f"(vs_forward {ceiling / forward:.2f})")  # fmt: skip
         _, naive_store, _ = sides["naive"]
         done, naive_s = timed(lambda: naive_score(naive_store, scorer, score.INCOMING_PREFIX, CANONICAL_SIZE))
-        print(f"naive loop: {done} objects in {naive_s:.1f} s = {done / naive_s:.1f} images/s")
+        print(f"naive loop: {done} objects in {naive_s:.1f} s = {done / naive_s:.1f} images/s; scoring at the "
+              f"bare forward's speed would be {forward * naive_s / done:.2f}x it")  # fmt: skip
         rerun, rerun_s = timed(lambda: score.run(settings, store, catalog, "bench-rerun"))
         print(f"rerun with nothing new: {rerun['skipped']} skipped in {rerun_s:.2f} s")
         listed, list_s = timed(lambda: store.list(score.INCOMING_PREFIX))
@@ -208,6 +212,7 @@ def bench(objects: int, workdir: Path) -> dict[str, Any]:
         "vs_forward": round(rate / forward, 3),
         "vs_naive": round(rate / naive_rate, 2),
         "cpu_ms_per_object": cpu,
+        "cpu_ceiling_per_s": round(ceiling, 2),
         "gradcam_per_s": round(cams, 2),
         "store_listing_100k_s": round(store_100k, 2),
         "listing_100k_watermark_s": round(cost["watermark"], 3),
