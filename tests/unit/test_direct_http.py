@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import http.client
+import io
 import os
 import socket
 import socketserver
@@ -28,6 +30,7 @@ class _Server(LocalServer):
         self.proxy_auth: list[str | None] = []
         self.close_after_each = False
         self.truncate = 0  # answers to cut short
+        self.puts: list[tuple[str, bytes]] = []  # (path, body) of each PUT
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -52,6 +55,14 @@ class _Handler(BaseHTTPRequestHandler):
             self.close_connection = True
         self.end_headers()
         self.wfile.write(body)
+
+    def do_PUT(self) -> None:
+        server: _Server = self.server  # type: ignore[assignment]
+        server.puts.append((self.path, self.rfile.read(int(self.headers["Content-Length"]))))
+        self.send_response(200)
+        self.send_header("Content-Length", "3")
+        self.end_headers()
+        self.wfile.write(b"put")
 
     def log_message(self, *args: object) -> None:
         pass
@@ -265,3 +276,73 @@ def test_https_tunnels_through_the_proxy_and_trusts_the_configured_ca(
     finally:
         tunnel.shutdown()
         tunnel.server_close()
+
+
+# --------------------------------------------------------------------------- the wire format
+
+
+def _answer(raw: bytes, method: str = "GET") -> tuple[int, dict[str, str], bytes, bool]:
+    return store.read_response(io.BufferedReader(io.BytesIO(raw)), method)
+
+
+def test_reads_a_sized_answer_and_keeps_the_connection() -> None:
+    raw = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nX-Amz-Tagging-Count: 3\r\nx-a: 1\r\nX-A: 2\r\n\r\nhello"
+    status, headers, body, keep = _answer(raw + b"HTTP/1.1 200 OK\r\n")  # the next answer stays unread
+    assert (status, body, keep) == (200, b"hello", True)
+    assert headers["x-amz-tagging-count"] == "3" and headers["x-a"] == "1, 2"
+
+
+def test_reads_a_chunked_answer_with_extensions_and_trailers() -> None:
+    raw = (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+           b"4;ext=1\r\n<Lis\r\n6\r\ntBucke\r\n0\r\nX-Trailer: t\r\n\r\n")  # fmt: skip
+    assert _answer(raw)[2::] == (b"<ListBucke", True)
+
+
+def test_skips_interim_answers_and_reads_until_close_without_a_length() -> None:
+    raw = b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.0 200 OK\r\nServer: old\r\n\r\nall of it"
+    assert _answer(raw) == (200, {"server": "old"}, b"all of it", False)
+
+
+def test_connection_close_and_bodiless_answers() -> None:
+    assert _answer(b"HTTP/1.1 503 Slow\r\nConnection: close\r\nContent-Length: 2\r\n\r\nno")[3] is False
+    assert _answer(b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\n", "HEAD")[2:] == (b"", True)
+    assert _answer(b"HTTP/1.1 204 No Content\r\n\r\n")[2:] == (b"", True)
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"",  # closed before answering
+        b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nshort",  # cut short
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nab",  # a chunk cut short
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",  # not a chunk size
+        b"HTTP/1.1 200 OK\r\nContent-Length: ten\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nContent-Le",  # headers cut short
+        b"SSH-2.0-OpenSSH\r\n",  # not HTTP
+        b"HTTP/1.1 200 OK\r\nX: " + b"a" * 70000 + b"\r\n\r\n",
+    ],
+)
+def test_broken_answers_raise_what_the_retry_loop_catches(raw) -> None:
+    with pytest.raises(http.client.HTTPException):
+        _answer(raw)
+
+
+def test_request_bytes() -> None:
+    get = store.request_bytes("GET", "/b/k%20x?tagging=", "h:9000", {"Authorization": "sig"}, None)
+    assert (
+        get
+        == b"GET /b/k%20x?tagging= HTTP/1.1\r\nHost: h:9000\r\nAccept-Encoding: identity\r\nAuthorization: sig\r\n\r\n"
+    )
+    empty_put = store.request_bytes("PUT", "/b/k", "h", {}, None)
+    assert b"Content-Length: 0\r\n\r\n" in empty_put and empty_put.endswith(b"\r\n\r\n")
+    assert store.request_bytes("PUT", "/b/k", "h", {}, b"xyz").endswith(b"Content-Length: 3\r\n\r\nxyz")
+    with pytest.raises(ValueError, match="line break"):
+        store.request_bytes("PUT", "/b/k", "h", {"Content-Type": "a\r\nX-Injected: 1"}, b"")
+
+
+def test_puts_send_their_body_and_length(server) -> None:
+    getter = DirectHttp()
+    body, _ = getter.send("PUT", server.url + "/b/k.json", b'{"a": 1}', {"Content-Type": "application/json"})
+    getter.send("PUT", server.url + "/b/empty", None)
+    assert body == b"put" and server.puts == [("/b/k.json", b'{"a": 1}'), ("/b/empty", b"")]
+    assert getter.get(server.url + "/after") == b"ok"  # the kept connection is still in step
