@@ -121,7 +121,7 @@ class _Route:
 
 class DirectHttp:
     """Signed requests over one kept-alive connection per thread and host (opened by ``http.client``,
-    requests written and answers read by :func:`request_bytes` and :func:`read_response`).
+    requests written and answers read by :func:`request_head` and :func:`read_response`).
 
     Connections are opened lazily by the thread (and process) that uses them: a client copied into a
     forked decode process, or shared by worker threads, never shares a socket. Transient failures
@@ -185,7 +185,9 @@ class DirectHttp:
         parts = urlsplit(url)
         route = self._route(parts.scheme, parts.netloc)
         target = url if route.absolute else urlunsplit(("", "", parts.path, parts.query, ""))
-        request = request_bytes(method, target, host_of(url), {**route.headers, **(headers or {})}, body)
+        head = request_head(method, target, host_of(url), {**route.headers, **(headers or {})}, body)
+        # one write for a small request; a large body (a checkpoint) is sent as it is, not copied
+        writes = (head + body,) if body and len(body) <= COPY_LIMIT else (head, body or b"")
         for attempt in range(self.attempts):
             if attempt:
                 time.sleep(backoff(attempt))
@@ -194,7 +196,8 @@ class DirectHttp:
                     route.conn.connect()
                     route.conn.sock.settimeout(READ_TIMEOUT)
                     route.reader = route.conn.sock.makefile("rb")
-                route.conn.sock.sendall(request)
+                for part in writes:
+                    route.conn.sock.sendall(part)
                 status, answer_headers, answer, keep = read_response(route.reader, method)
             except (OSError, http.client.HTTPException) as exc:
                 route.close()  # also a half-made connection: the next attempt starts afresh
@@ -213,17 +216,19 @@ class DirectHttp:
 
 
 MAX_LINE = 65536  # longest status or header line accepted (as http.client)
+COPY_LIMIT = 1 << 20  # bodies up to this size go out in one write with their request head
 
 
-def request_bytes(method: str, target: str, host: str, headers: dict[str, str], body: bytes | None) -> bytes:
-    """One HTTP/1.1 request: line, Host, headers, Content-Length when there is a body, body."""
+def request_head(method: str, target: str, host: str, headers: dict[str, str], body: bytes | None) -> bytes:
+    """An HTTP/1.1 request up to its body: line, Host, headers, and Content-Length for a body or an
+    upload."""
     if any("\r" in text or "\n" in text for text in (target, host, *headers, *headers.values())):
         raise ValueError("a request target or header carries a line break")
     lines = [f"{method} {target} HTTP/1.1", f"Host: {host}", "Accept-Encoding: identity"]
     lines += [f"{name}: {value}" for name, value in headers.items()]
     if body is not None or method in ("PUT", "POST", "PATCH"):  # S3 wants a length on every upload
         lines.append(f"Content-Length: {len(body or b'')}")
-    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + (body or b"")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
 
 
 def read_response(reader: Any, method: str) -> tuple[int, dict[str, str], bytes, bool]:

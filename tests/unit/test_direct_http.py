@@ -327,22 +327,23 @@ def test_broken_answers_raise_what_the_retry_loop_catches(raw) -> None:
         _answer(raw)
 
 
-def test_request_bytes() -> None:
-    get = store.request_bytes("GET", "/b/k%20x?tagging=", "h:9000", {"Authorization": "sig"}, None)
-    assert (
-        get
-        == b"GET /b/k%20x?tagging= HTTP/1.1\r\nHost: h:9000\r\nAccept-Encoding: identity\r\nAuthorization: sig\r\n\r\n"
+def test_request_head() -> None:
+    get = store.request_head("GET", "/b/k%20x?tagging=", "h:9000", {"Authorization": "sig"}, None)
+    assert get == (
+        b"GET /b/k%20x?tagging= HTTP/1.1\r\nHost: h:9000\r\nAccept-Encoding: identity\r\nAuthorization: sig\r\n\r\n"
     )
-    empty_put = store.request_bytes("PUT", "/b/k", "h", {}, None)
-    assert b"Content-Length: 0\r\n\r\n" in empty_put and empty_put.endswith(b"\r\n\r\n")
-    assert store.request_bytes("PUT", "/b/k", "h", {}, b"xyz").endswith(b"Content-Length: 3\r\n\r\nxyz")
+    assert store.request_head("PUT", "/b/k", "h", {}, None).endswith(b"Content-Length: 0\r\n\r\n")
+    assert store.request_head("PUT", "/b/k", "h", {}, b"xyz").endswith(b"Content-Length: 3\r\n\r\n")
     with pytest.raises(ValueError, match="line break"):
-        store.request_bytes("PUT", "/b/k", "h", {"Content-Type": "a\r\nX-Injected: 1"}, b"")
+        store.request_head("PUT", "/b/k", "h", {"Content-Type": "a\r\nX-Injected: 1"}, b"")
 
 
 def test_puts_send_their_body_and_length(server) -> None:
     getter = DirectHttp()
     body, _ = getter.send("PUT", server.url + "/b/k.json", b'{"a": 1}', {"Content-Type": "application/json"})
     getter.send("PUT", server.url + "/b/empty", None)
-    assert body == b"put" and server.puts == [("/b/k.json", b'{"a": 1}'), ("/b/empty", b"")]
+    large = os.urandom(store.COPY_LIMIT + 1)  # sent apart from its head
+    getter.send("PUT", server.url + "/b/large", large)
+    assert body == b"put"
+    assert server.puts == [("/b/k.json", b'{"a": 1}'), ("/b/empty", b""), ("/b/large", large)]
     assert getter.get(server.url + "/after") == b"ok"  # the kept connection is still in step
