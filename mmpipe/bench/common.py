@@ -7,8 +7,9 @@ import gc
 import io
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ import numpy as np
 import pydicom
 from PIL import Image
 
+from mmpipe import embedded
 from mmpipe.config import Settings, get_settings
 from mmpipe.store import Store, open_store
 
@@ -44,6 +46,16 @@ def bench_settings(home: Path, endpoint: str, **overrides: Any) -> Settings:
         image_size=CANONICAL_SIZE,
         **overrides,
     )
+
+
+@contextmanager
+def throwaway_store(workdir: Path) -> Iterator[embedded.EmbeddedStore]:
+    """A fresh embedded store under ``workdir``, stopped on the way out whatever happened."""
+    server = embedded.start(workdir / "store")
+    try:
+        yield server
+    finally:
+        embedded.stop(server)
 
 
 def seeded_sides(

@@ -15,8 +15,15 @@ from typing import Any
 
 import numpy as np
 
-from mmpipe import decoding, embedded, ingest, synth
-from mmpipe.bench.common import CANONICAL_SIZE, SOURCE_SIZE, naive_pixels, seeded_sides, timed
+from mmpipe import decoding, ingest, synth
+from mmpipe.bench.common import (
+    CANONICAL_SIZE,
+    SOURCE_SIZE,
+    naive_pixels,
+    seeded_sides,
+    throwaway_store,
+    timed,
+)
 from mmpipe.catalog import open_catalog, upgrade
 from mmpipe.errors import ConfigError, MmpipeError
 from mmpipe.progress import progress
@@ -40,8 +47,7 @@ def naive_ingest(store: Store, prefix: str, size: int) -> int:
 def bench(objects: int, workdir: Path) -> dict[str, Any]:
     if objects < 1:
         raise ConfigError(f"--objects must be at least 1, got {objects}")
-    server = embedded.start(workdir / "store")
-    try:
+    with throwaway_store(workdir) as server:
         print(f"generating {objects} synthetic DICOM objects ({SOURCE_SIZE} px)...", flush=True)
         corpus = list(synth.generate(objects, size=SOURCE_SIZE, formats={"dicom": 1.0}, archive_fraction=0))
         sides = seeded_sides(workdir, server.endpoint, {PREFIX + o.key: o.body for o in corpus})
@@ -63,8 +69,6 @@ def bench(objects: int, workdir: Path) -> dict[str, Any]:
         rerun, rerun_s = timed(lambda: ingest.run(settings, store, catalog, "bench-rerun"))
         print(f"rerun with nothing new: {rerun['new_objects']} objects in {rerun_s:.2f} s")
         catalog.dispose()
-    finally:
-        embedded.stop(server)
     mmpipe_rate, naive_rate = objects / mmpipe_s, done / naive_s
     return {
         "bench": "ingest",

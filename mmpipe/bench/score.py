@@ -17,8 +17,15 @@ from typing import Any
 
 import numpy as np
 
-from mmpipe import embedded, synth
-from mmpipe.bench.common import CANONICAL_SIZE, SOURCE_SIZE, naive_pixels, seeded_sides, timed
+from mmpipe import synth
+from mmpipe.bench.common import (
+    CANONICAL_SIZE,
+    SOURCE_SIZE,
+    naive_pixels,
+    seeded_sides,
+    throwaway_store,
+    timed,
+)
 from mmpipe.catalog import open_catalog, upgrade
 from mmpipe.config import Settings
 from mmpipe.errors import ConfigError, MmpipeError
@@ -149,8 +156,7 @@ def bench(objects: int, workdir: Path) -> dict[str, Any]:
 
     if objects < 1:
         raise ConfigError(f"--objects must be at least 1, got {objects}")
-    server = embedded.start(workdir / "store")
-    try:
+    with throwaway_store(workdir) as server:
         print(f"generating {objects} uncompressed synthetic DICOM objects ({SOURCE_SIZE} px)...", flush=True)
         corpus = score_corpus(objects, SOURCE_SIZE)
         # Random weights are never confident and contradict every header: here, as under a good
@@ -200,8 +206,6 @@ def bench(objects: int, workdir: Path) -> dict[str, Any]:
               f"{cost['watermark']:.2f} s with the watermark, {cost['no_watermark']:.2f} s without")  # fmt: skip
         for _, _, cat in sides.values():
             cat.dispose()
-    finally:
-        embedded.stop(server)
     rate, naive_rate = objects / mmpipe_s, done / naive_s
     return {
         "bench": "score",

@@ -12,9 +12,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from mmpipe import dataset, embedded, ingest, modelcard, pipeline, synth, train
+from mmpipe import dataset, ingest, modelcard, pipeline, synth, train
 from mmpipe.balance import augmenter
-from mmpipe.bench.common import bench_settings, timed
+from mmpipe.bench.common import bench_settings, throwaway_store, timed
 from mmpipe.candidate import Candidate
 from mmpipe.candidate import defaults as candidate_defaults
 from mmpipe.catalog import open_catalog, upgrade
@@ -120,8 +120,7 @@ def bench(
     if images < 50 or epochs < 1:
         raise ConfigError(f"--images must be at least 50 and --epochs at least 1, got {images}, {epochs}")
     canonical = PROFILES["demo"].canonical_size
-    server = embedded.start(workdir / "store")
-    try:
+    with throwaway_store(workdir) as server:
         settings = bench_settings(workdir / "train", server.endpoint).model_copy(
             update={"image_size": canonical}
         )
@@ -155,6 +154,4 @@ def bench(
                 }
             results.append(figures)
         catalog.dispose()
-    finally:
-        embedded.stop(server)
     return {"bench": "train", "results": results, "min_ratio": min(r["ratio"] for r in results)}

@@ -19,7 +19,7 @@ SESSION = ReadOnlyCredentials("ASIAEXAMPLE", "secret/with+signs", "FwoGZXIvYXdzE
 REQUESTS = [
     ("GET", "http://127.0.0.1:8333/bucket/incoming/a%20b/%C3%A9t%C3%A9.dcm", b"", {}),
     ("GET", "http://127.0.0.1:8333/bucket?delimiter=%2F&encoding-type=url&list-type=2&prefix=in%2F", b"", {}),
-    ("GET", "https://s3.eu-west-1.amazonaws.com/bucket/k.dcm?tagging=", b"", {}),
+    ("GET", "http://s3.eu-west-1.amazonaws.com/bucket/k.dcm?tagging=", b"", {}),
     ("PUT", "http://minio:9000/bucket/results/v1/k.json", b'{"a": 1}', {"Content-Type": "application/json"}),
     ("PUT", "http://[::1]:9000/bucket/k?tagging=", b"<Tagging/>", {"Content-MD5": "  abc==  "}),
     ("PUT", "http://localhost:80/bucket/k", b"\x00\x01", {"Content-Type": "a/b"}),
@@ -30,12 +30,10 @@ REQUESTS = [
 @pytest.mark.parametrize("method,url,body,headers", REQUESTS)
 def test_signature_equals_botocores(monkeypatch, credentials, method, url, body, headers) -> None:
     monkeypatch.setattr(botocore.auth, "get_current_datetime", lambda: NOW.replace(tzinfo=None))
-    reference = AWSRequest(method, url.replace("https://", "http://"), data=body, headers=dict(headers))
+    reference = AWSRequest(method, url, data=body, headers=dict(headers))  # http: botocore signs the body
     S3SigV4Auth(credentials, "s3", "eu-west-1").add_auth(reference)
 
-    ours = Signer("eu-west-1").headers(
-        credentials, method, url.replace("https://", "http://"), body, headers, NOW
-    )
+    ours = Signer("eu-west-1").headers(credentials, method, url, body, headers, NOW)
 
     assert ours == dict(reference.headers.items())
 
