@@ -287,15 +287,21 @@ def _die_with_parent(parent: int) -> None:
         os._exit(1)
 
 
-def quiet_child(parent: int) -> None:
+def quiet_child(parent: int, nice: int = 0) -> None:
     """Set up a forked helper process: it dies with ``parent`` and logs or warns nothing (the parent's
-    logging handlers and locks are not the child's to use; its answers carry what the parent records)."""
+    logging handlers and locks are not the child's to use; its answers carry what the parent records).
+
+    ``nice``: how much lower its CPU priority is than the parent's (the threads it starts inherit it),
+    so that it yields a shared core to the parent's own work (scoring's inference) instead of
+    preempting it. A nice level, not the idle class: it still gets a share of a busy core."""
     _die_with_parent(parent)
+    if nice:
+        os.nice(nice)
     logging.disable(logging.CRITICAL)
     warnings.simplefilter("ignore")
 
 
-def _worker_start(store: Store, context: DecodeContext, parent: int) -> None:
+def _worker_start(store: Store, context: DecodeContext, parent: int, nice: int = 0) -> None:
     """Set up one forked decode process (:func:`quiet_child`).
 
     ``store`` is the parent's: a decode process only fetches, through :class:`DirectHttp`, which
@@ -303,7 +309,7 @@ def _worker_start(store: Store, context: DecodeContext, parent: int) -> None:
     builds a client of its own: ~0.2 s of CPU each).
     """
     global _worker
-    quiet_child(parent)
+    quiet_child(parent, nice)
     _worker = (store, context)
 
 
@@ -313,10 +319,12 @@ def _worker_fetch(objects: list[ObjectInfo]) -> list[Outcome]:
     return [_fetch_and_process(*_worker, obj) for obj in objects]
 
 
-def _isolated_worker(store: Store, context: DecodeContext, parent: int, obj: ObjectInfo, send: Any) -> None:
+def _isolated_worker(
+    store: Store, context: DecodeContext, parent: int, nice: int, obj: ObjectInfo, send: Any
+) -> None:
     """One object in a process of its own (see :meth:`Fetcher.isolated`): say when its bytes are in,
     then send its outcome, or the exception that must fail the run (access denied), and exit."""
-    _worker_start(store, context, parent)
+    _worker_start(store, context, parent, nice)
     try:
         data = _fetch(store, obj, context.limits)
         if not isinstance(data, Outcome):
@@ -359,12 +367,13 @@ class Fetcher:
     the module doc.
     """
 
-    def __init__(self, settings: Settings, store: Store, context: DecodeContext, objects: int):
+    def __init__(self, settings: Settings, store: Store, context: DecodeContext, objects: int, nice: int = 0):
         """``store``: anything with ``fetch(key)`` (local files too), shared with the decode processes:
-        its direct requests open a connection per process (:func:`_worker_start`)."""
+        its direct requests open a connection per process (:func:`_worker_start`). ``nice``: the
+        decode processes' priority below this process's (:func:`quiet_child`)."""
         processes = decode_processes(settings)
         self.processes = min(processes, max(objects, 1))
-        self.store, self.context = store, context
+        self.store, self.context, self.nice = store, context, nice
         self.timeout = settings.decode_timeout_seconds  # enforced in decode processes only
         if processes > 1:
             self.pool = self._process_pool()
@@ -376,7 +385,7 @@ class Fetcher:
             self.processes,
             mp_context=multiprocessing.get_context("fork"),
             initializer=_worker_start,
-            initargs=(self.store, self.context, os.getpid()),
+            initargs=(self.store, self.context, os.getpid(), self.nice),
         )
 
     def __enter__(self) -> Fetcher:
@@ -435,7 +444,8 @@ class Fetcher:
             for obj in objects[start : start + self.processes]:
                 receive, send = context.Pipe(duplex=False)
                 process = context.Process(
-                    target=_isolated_worker, args=(self.store, self.context, os.getpid(), obj, send)
+                    target=_isolated_worker,
+                    args=(self.store, self.context, os.getpid(), self.nice, obj, send),
                 )
                 process.start()
                 send.close()

@@ -67,6 +67,9 @@ PRECISION_AGREEMENT_MIN = 0.995
 INFER_BATCH = 64  # images per forward pass
 WRITE_PROCESSES = 2  # processes writing sidecars and tags
 WRITE_THREADS = 4  # requests in flight per writer process (network-bound)
+#: Decode and writer processes run this much below the scoring process's CPU priority: the model is
+#: the bottleneck, and helpers that preempt its thread on a shared core cost more than they add.
+HELPER_NICE = 19
 FLUSH_OBJECTS = 200  # catalog rows written every this many objects
 #: An upload may appear in a listing with a LastModified this much older than the listing itself
 #: (S3 stamps the start of a large upload): the watermark stays this far behind the listing.
@@ -632,7 +635,7 @@ _writer_store: Store | None = None
 
 def _writer_start(store: Store, parent: int) -> None:
     global _writer_store
-    decoding.quiet_child(parent)
+    decoding.quiet_child(parent, HELPER_NICE)
     _writer_store = store
 
 
@@ -856,7 +859,7 @@ def score_objects(
     context = decode_context(settings, scorer.card)
     with (
         Writer(settings, store, scorer.card, dry=local is not None) as writer,
-        Fetcher(settings, local or store, context, len(objects)) as fetcher,
+        Fetcher(settings, local or store, context, len(objects), HELPER_NICE) as fetcher,
     ):
         # two inference batches ahead: the decode processes keep working while the model runs
         window = max(2 * fetcher.processes, 2 * INFER_BATCH // PROCESS_CHUNK)

@@ -1,5 +1,6 @@
 """The scoring pipeline's bounds and choices: decoding runs a bounded window ahead of inference,
-reduced precision only where the model card records enough agreement, torch threads are a share."""
+reduced precision only where the model card records enough agreement, torch threads are a share,
+helper processes yield the CPU to inference."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ import torch
 
 from mmpipe import score
 from mmpipe.config import get_settings
-from mmpipe.decoding import PROCESS_CHUNK, Chunk, Outcome
+from mmpipe.decoding import PROCESS_CHUNK, Chunk, Fetcher, Outcome
+from mmpipe.errors import StoreError
 from mmpipe.modelcard import ModelCard
 from mmpipe.store import ObjectInfo
 
@@ -66,3 +68,29 @@ def test_torch_threads_are_the_tasks_share() -> None:
     assert score.torch_threads(get_settings(score_threads=3)) == 3
     cpus = len(os.sched_getaffinity(0))
     assert 1 <= score.torch_threads(get_settings()) <= max(1, cpus // 2)  # decode processes need the rest
+
+
+class NiceProbe:
+    """A store whose every fetch fails naming the niceness of the process that fetched."""
+
+    def fetch(self, key: str):
+        raise StoreError(f"niceness {os.nice(0)}")
+
+
+def test_decode_and_writer_processes_run_below_the_scoring_process() -> None:
+    """On a shared core the model's thread is not preempted by the helpers that feed it (what that is
+    worth: ``mmpipe bench score``), in the decode pool, in a process isolating one object, and in the
+    writers."""
+    settings = get_settings(ingest_processes=2)
+    own = os.nice(0)
+    helper = min(own + score.HELPER_NICE, 19)
+    assert own < 19 and helper > own
+    objects = [ObjectInfo(f"k{n}", "e", 1) for n in range(3)]
+    context = score.decode_context(settings, card())
+    with Fetcher(settings, NiceProbe(), context, len(objects), score.HELPER_NICE) as fetcher:
+        outcomes = [o for chunk in fetcher.submit(objects) for o in fetcher.results(chunk)]
+        outcomes += fetcher.isolated(objects[:1])
+    assert [o.errors[0]["error"] for o in outcomes] == [f"niceness {helper}"] * 4
+    with score.Writer(settings, NiceProbe(), card()) as writer:
+        assert writer.pool.submit(os.nice, 0).result() == helper
+    assert os.nice(0) == own  # the scoring process itself keeps its priority
