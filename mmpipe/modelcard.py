@@ -173,11 +173,14 @@ def save(store: Store, prefix: str, model: torch.nn.Module, card: ModelCard) -> 
     return ckpt, card_uri
 
 
+def read_card(store: Store, card_uri: str) -> ModelCard:
+    return ModelCard.from_json(store.get_json(store.key_of(card_uri)))
+
+
 def load(store: Store, card_uri: str, device: torch.device) -> tuple[torch.nn.Module, ModelCard]:
     """Rebuild the model from its card and checkpoint, strictly (every key must match)."""
-    card_key = store.key_of(card_uri)
-    card = ModelCard.from_json(store.get_json(card_key))
-    ckpt_key = card_key.rsplit("/", 1)[0] + "/model.safetensors"
+    card = read_card(store, card_uri)
+    ckpt_key = store.key_of(card_uri).rsplit("/", 1)[0] + "/model.safetensors"
     model = create_model(card.backbone, len(card.classes))
     model.load_state_dict(load_safetensors(store.get(ckpt_key)), strict=True)
     model.to(device, memory_format=torch.channels_last).eval()

@@ -756,9 +756,15 @@ class Results:
     """Catalog rows of written objects, flushed every FLUSH_OBJECTS objects; counts by fate."""
 
     def __init__(
-        self, catalog: Catalog | None, scorer: Scorer, run_id: str, on_object: Callable[[dict], None] | None
+        self,
+        catalog: Catalog | None,
+        card: modelcard.ModelCard,
+        model_version: str,
+        run_id: str,
+        on_object: Callable[[dict], None] | None,
     ):
-        self.catalog, self.scorer, self.run_id, self.on_object = catalog, scorer, run_id, on_object
+        self.catalog, self.card, self.model_version = catalog, card, model_version
+        self.run_id, self.on_object = run_id, on_object
         self.documents: list[dict[str, Any]] = []  # sidecars of a local run (nothing is written)
         self.scored: list[dict] = []
         self.predictions: list[dict] = []
@@ -769,7 +775,7 @@ class Results:
     def add(self, written: Written) -> None:
         verdict, plan, uri = written
         scored, predictions, failures = catalog_rows(
-            verdict, plan, uri, self.scorer.model_version, self.run_id, self.scorer.card.classes
+            verdict, plan, uri, self.model_version, self.run_id, self.card.classes
         )
         self.counts[verdict.fate] += 1
         self.images += len(predictions)
@@ -777,7 +783,7 @@ class Results:
         if self.on_object is not None:
             self.on_object(scored)
         if self.catalog is None:
-            self.documents.append(sidecar(verdict, self.scorer.card, plan))
+            self.documents.append(sidecar(verdict, self.card, plan))
             return
         self.scored.append(scored)
         self.predictions += predictions
@@ -821,19 +827,23 @@ def explain(scorer: Scorer, verdicts: Sequence[Verdict], outcomes: Sequence[Outc
 
 
 def decoded(fetcher: Fetcher, objects: Sequence[ObjectInfo], window: int) -> Iterator[Outcome]:
-    """Outcomes in order, with at most ``window`` chunks submitted ahead (bounded memory)."""
+    """Outcomes in order, with at most ``window`` chunks submitted ahead (bounded memory). The first
+    ``window`` chunks are submitted at once, so they decode while the caller loads its model."""
     pending, source = deque(), iter(objects)
 
     def refill() -> None:
         while len(pending) < window and (group := list(islice(source, PROCESS_CHUNK))):
             pending.extend(fetcher.submit(group))
 
+    def outcomes() -> Iterator[Outcome]:
+        while pending:
+            chunk = pending.popleft()
+            done = fetcher.results(chunk)
+            refill()
+            yield from done
+
     refill()
-    while pending:
-        chunk = pending.popleft()
-        outcomes = fetcher.results(chunk)
-        refill()
-        yield from outcomes
+    return outcomes()
 
 
 def score_objects(
@@ -849,20 +859,23 @@ def score_objects(
 ) -> dict[str, Any]:
     """Score ``objects``: decode ahead in ingest's decode processes, infer in batches of INFER_BATCH
     images, write sidecars and tags behind (:class:`Writer`), record a fate for every object.
+    Decoding starts from the card alone, while the model loads.
 
     ``local``: the objects are files there; nothing is written to the store or the catalog (the
     sidecars stay in the returned ``documents``)."""
-    scorer = Scorer.load(settings, store, model_version, card_uri, fit=local is None)
-    results = Results(None if local else catalog, scorer, run_id, on_object)
+    card = modelcard.read_card(store, card_uri)
+    results = Results(None if local else catalog, card, model_version, run_id, on_object)
     if not objects:
         return results.summary(0)
-    context = decode_context(settings, scorer.card)
+    context = decode_context(settings, card)
     with (
-        Writer(settings, store, scorer.card, dry=local is not None) as writer,
+        Writer(settings, store, card, dry=local is not None) as writer,
         Fetcher(settings, local or store, context, len(objects), HELPER_NICE) as fetcher,
     ):
         # two inference batches ahead: the decode processes keep working while the model runs
         window = max(2 * fetcher.processes, 2 * INFER_BATCH // PROCESS_CHUNK)
+        outcomes = decoded(fetcher, objects, window)
+        scorer = Scorer.load(settings, store, model_version, card_uri, fit=local is None)
         writes: deque[Future[list[Written]]] = deque()
         ready: list[Outcome] = []
         images = 0
@@ -895,7 +908,7 @@ def score_objects(
                 for written in writes.popleft().result():
                     results.add(written)
 
-        for outcome in decoded(fetcher, objects, window):
+        for outcome in outcomes:
             ready.append(outcome)
             images += len(outcome.images)
             if images >= INFER_BATCH:

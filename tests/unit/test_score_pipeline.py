@@ -40,7 +40,9 @@ class CountingFetcher:
 def test_decoding_runs_a_bounded_window_ahead_whatever_the_batch_size(objects) -> None:
     fetcher = CountingFetcher()
     listed = [ObjectInfo(f"k{n}", "e", 1) for n in range(objects)]
-    seen = [o.obj.key for o in score.decoded(fetcher, listed, window=3)]
+    outcomes = score.decoded(fetcher, listed, window=3)
+    assert fetcher.in_flight == min(objects, 3 * PROCESS_CHUNK)  # decoding while the model loads
+    seen = [o.obj.key for o in outcomes]
     assert seen == [o.key for o in listed]  # every object, in order
     assert fetcher.peak <= 3 * PROCESS_CHUNK
 
