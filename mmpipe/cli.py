@@ -533,7 +533,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--objects", type=int, default=2000
     )
     kinds.add_parser("score", help="scoring vs the bare forward pass and a naive loop").add_argument(
-        "--objects", type=int, default=600
+        "--objects", type=int, default=2000, help="enough that a run's ~0.5 s start-up is a small part"
     )
     bench_train = kinds.add_parser(
         "train", help="mmpipe train's data path vs a bare loop, per demo candidate"
