@@ -177,9 +177,12 @@ def read_card(store: Store, card_uri: str) -> ModelCard:
     return ModelCard.from_json(store.get_json(store.key_of(card_uri)))
 
 
-def load(store: Store, card_uri: str, device: torch.device) -> tuple[torch.nn.Module, ModelCard]:
-    """Rebuild the model from its card and checkpoint, strictly (every key must match)."""
-    card = read_card(store, card_uri)
+def load(
+    store: Store, card_uri: str, device: torch.device, card: ModelCard | None = None
+) -> tuple[torch.nn.Module, ModelCard]:
+    """Rebuild the model from its card (``card``: already read) and checkpoint, strictly (every key
+    must match)."""
+    card = card or read_card(store, card_uri)
     ckpt_key = store.key_of(card_uri).rsplit("/", 1)[0] + "/model.safetensors"
     model = create_model(card.backbone, len(card.classes))
     model.load_state_dict(load_safetensors(store.get(ckpt_key)), strict=True)

@@ -349,10 +349,14 @@ def cpu_has_bf16() -> bool:
     return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity, where the OS has one)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def torch_threads(settings: Settings) -> int:
     """This task's share of the machine for torch (see ``Settings.score_threads``)."""
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return settings.score_threads or max(1, cpus // 2)
+    return settings.score_threads or max(1, usable_cpus() // 2)
 
 
 @dataclass
@@ -368,13 +372,20 @@ class Scorer:
 
     @classmethod
     def load(
-        cls, settings: Settings, store: Store, model_version: str, card_uri: str, fit: bool = True
+        cls,
+        settings: Settings,
+        store: Store,
+        model_version: str,
+        card_uri: str,
+        fit: bool = True,
+        card: modelcard.ModelCard | None = None,
     ) -> Scorer:
         """The model, with its feature check (fitted and kept first if ``fit`` and it is missing: the
-        first tasks scoring with a new model fit it, each the same, later ones read it)."""
+        first tasks scoring with a new model fit it, each the same, later ones read it). ``card``:
+        the model's card, if already read."""
         torch.set_num_threads(torch_threads(settings))
         device = modelcard.resolve_device(settings.device)
-        model, card = modelcard.load(store, card_uri, device)  # channels_last, eval
+        model, card = modelcard.load(store, card_uri, device, card)  # channels_last, eval
         rules = openset.header_rules(settings.label_rules, card.classes)
         scorer = cls(model, card, model_version, inference_dtype(card, device), rules)
         key = feature_stats_key(model_version)
@@ -875,7 +886,7 @@ def score_objects(
         # two inference batches ahead: the decode processes keep working while the model runs
         window = max(2 * fetcher.processes, 2 * INFER_BATCH // PROCESS_CHUNK)
         outcomes = decoded(fetcher, objects, window)
-        scorer = Scorer.load(settings, store, model_version, card_uri, fit=local is None)
+        scorer = Scorer.load(settings, store, model_version, card_uri, fit=local is None, card=card)
         writes: deque[Future[list[Written]]] = deque()
         ready: list[Outcome] = []
         images = 0

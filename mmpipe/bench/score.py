@@ -184,7 +184,7 @@ def bench(objects: int, workdir: Path) -> dict[str, Any]:
         if summary["tagged"] + summary["unknown"] != objects:
             raise MmpipeError(f"bench corpus not fully scored: {json.dumps(summary)}")
         print(f"mmpipe score: {objects} objects in {mmpipe_s:.1f} s = {objects / mmpipe_s:.1f} images/s")
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        cores = score.usable_cpus()
         ceiling = cores * 1000 / sum(cpu.values())
         print(f"CPU per object: scoring process {cpu['scoring']:.2f} ms (the model alone: {1000 / forward:.2f} ms), "
               f"decode and writer processes {cpu['helpers']:.2f} ms, store server {cpu['store']:.2f} ms; "
